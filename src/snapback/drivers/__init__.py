@@ -1,0 +1,1 @@
+"""Drivers: the edge where snapback talks to storage, hypervisors and tools."""

@@ -1,0 +1,1 @@
+"""Storage pools: the StoragePool port and its drivers (``local``; ``rbd`` later)."""

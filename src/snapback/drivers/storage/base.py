@@ -1,0 +1,158 @@
+"""The StoragePool port: what every storage driver offers.
+
+The words follow RBD, whose model is the strictest of our back ends: a volume
+has snapshots ``volume@snap``; a protected snapshot cannot be removed; a clone
+is a copy-on-write volume whose parent is a protected snapshot (clone v1);
+flatten copies the parent's data in and ends the dependency. Drivers know
+nothing of the catalogue. Every foreign error leaves a driver as one of
+``snapback.domain.errors``, its cause kept.
+
+Names given to a driver are storage names chosen by the services (ids), but a
+driver still validates them, since a name must never become a path unchecked.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Self
+
+from snapback.domain.models import DiskFormat, ParentRef, Progress, SnapshotInfo, VolumeInfo
+from snapback.drivers.imagefmt.inspector import InspectedImage
+
+ProgressFn = Callable[[Progress], None]
+
+
+@dataclass(frozen=True)
+class Debris:
+    """A storage object no volume or snapshot of the pool explains."""
+
+    path: str  # a file path for local, an image or snapshot spec for rbd
+    reason: str
+
+
+class BlockHandle(abc.ABC):
+    """Byte access to a volume or a snapshot (read-only for a snapshot)."""
+
+    @property
+    @abc.abstractmethod
+    def size(self) -> int: ...
+
+    @abc.abstractmethod
+    def read(self, offset: int, length: int) -> bytes: ...
+
+    @abc.abstractmethod
+    def write(self, offset: int, data: bytes) -> None: ...
+
+    @abc.abstractmethod
+    def close(self) -> None: ...
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class StoragePool(abc.ABC):
+    """One pool of volumes served by one driver."""
+
+    driver: str
+    name: str
+
+    # -- volumes ---------------------------------------------------------
+    @abc.abstractmethod
+    def create_volume(self, name: str, size: int) -> VolumeInfo:
+        """Create a thin volume of ``size`` bytes; Conflict if the name exists."""
+
+    @abc.abstractmethod
+    def volume_info(self, name: str) -> VolumeInfo: ...
+
+    @abc.abstractmethod
+    def list_volumes(self) -> list[str]: ...
+
+    @abc.abstractmethod
+    def resize_volume(self, name: str, size: int, *, allow_shrink: bool = False) -> VolumeInfo:
+        """Grow (or, with ``allow_shrink``, shrink) a volume."""
+
+    @abc.abstractmethod
+    def delete_volume(self, name: str) -> None:
+        """Remove a volume with its unprotected snapshots.
+
+        HasDependents when a snapshot is protected or has clones: the message
+        names them and nothing is removed.
+        """
+
+    @abc.abstractmethod
+    def import_volume(
+        self, name: str, source: str, image: InspectedImage, progress: ProgressFn | None = None
+    ) -> VolumeInfo:
+        """Create a volume from a file that ``inspect()`` has passed (``image``)."""
+
+    @abc.abstractmethod
+    def export_volume(
+        self,
+        name: str,
+        dest: str,
+        fmt: DiskFormat,
+        *,
+        snapshot: str | None = None,
+        progress: ProgressFn | None = None,
+    ) -> None:
+        """Write the volume (or one of its snapshots) to a new file ``dest``."""
+
+    @abc.abstractmethod
+    def open(self, name: str, *, snapshot: str | None = None) -> BlockHandle:
+        """Byte access to a volume (read-write) or a snapshot (read-only)."""
+
+    # -- snapshots -------------------------------------------------------
+    @abc.abstractmethod
+    def create_snapshot(self, volume: str, snapshot: str) -> SnapshotInfo: ...
+
+    @abc.abstractmethod
+    def list_snapshots(self, volume: str) -> list[SnapshotInfo]: ...
+
+    @abc.abstractmethod
+    def rollback_snapshot(self, volume: str, snapshot: str) -> None:
+        """Make the volume read exactly what it held when the snapshot was taken."""
+
+    @abc.abstractmethod
+    def delete_snapshot(self, volume: str, snapshot: str) -> None:
+        """Remove a snapshot; HasDependents when protected. Data later
+        snapshots or clones read is kept."""
+
+    @abc.abstractmethod
+    def protect_snapshot(self, volume: str, snapshot: str) -> None: ...
+
+    @abc.abstractmethod
+    def unprotect_snapshot(self, volume: str, snapshot: str) -> None:
+        """HasDependents (naming the clones) when the snapshot has clones."""
+
+    # -- clones ----------------------------------------------------------
+    @abc.abstractmethod
+    def clone(self, volume: str, snapshot: str, child_pool: StoragePool, child: str) -> VolumeInfo:
+        """Create ``child`` in ``child_pool`` as a copy-on-write clone of a protected snapshot."""
+
+    @abc.abstractmethod
+    def children(self, volume: str, snapshot: str) -> list[str]:
+        """Clones of a snapshot, as ``pool/volume``."""
+
+    @abc.abstractmethod
+    def parent(self, volume: str) -> ParentRef | None: ...
+
+    @abc.abstractmethod
+    def flatten(self, volume: str, progress: ProgressFn | None = None) -> None:
+        """Copy the parent's data into a clone so it no longer depends on it."""
+
+    # -- housekeeping ----------------------------------------------------
+    @abc.abstractmethod
+    def find_debris(self) -> list[Debris]:
+        """Storage objects no volume or snapshot explains (left by a crash)."""
+
+    @abc.abstractmethod
+    def remove_debris(self, item: Debris) -> None: ...
+
+    @abc.abstractmethod
+    def recover(self) -> list[str]:
+        """Finish or undo the driver's own half-done steps; return what was done."""

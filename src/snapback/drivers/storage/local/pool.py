@@ -1,0 +1,353 @@
+"""The ``local`` pool: each volume is a folder holding a chain of qcow2 layers.
+
+The writable *head* layer is backed by read-only layers; each snapshot is the
+layer that was the head when it was taken. A clone's bottom layer is backed by
+its parent snapshot's layer in another volume (or pool). docs/local-pool.md
+explains the choice.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+from snapback.domain.errors import Conflict, HasDependents, InvalidInput, NotFound
+from snapback.domain.models import DiskFormat, ParentRef, SnapshotInfo, VolumeInfo
+from snapback.domain.names import validate_name
+from snapback.drivers.imagefmt import qemu_img
+from snapback.drivers.imagefmt.inspector import InspectedImage
+from snapback.drivers.storage.base import BlockHandle, Debris, ProgressFn, StoragePool
+from snapback.drivers.storage.local import layers
+from snapback.drivers.storage.local.meta import (
+    LOCK,
+    META,
+    ParentMeta,
+    Pending,
+    SnapMeta,
+    VolumeMeta,
+    flock,
+    load,
+    save,
+)
+from snapback.drivers.storage.nbd import NbdHandle
+
+READ_ONLY = 0o444
+WRITABLE = 0o644
+
+
+def new_layer_id() -> str:
+    return "l-" + uuid.uuid4().hex[:16]
+
+
+class LocalPool(StoragePool):
+    driver = "local"
+
+    def __init__(self, root: Path | str, name: str, *, lock_timeout: float = 30.0) -> None:
+        self.root = Path(root)
+        self.name = validate_name(name, "pool name")
+        self.dir = self.root / self.name
+        self.lock_timeout = lock_timeout
+        self.dir.mkdir(parents=True, exist_ok=True)
+        os.chmod(self.dir, 0o755)
+
+    # -- paths and locks -------------------------------------------------
+    def vdir(self, volume: str) -> Path:
+        return self.dir / validate_name(volume, "volume name")
+
+    def layer_path(self, volume: str, layer: str) -> Path:
+        return self.vdir(volume) / f"{layer}.qcow2"
+
+    def sibling(self, pool: str) -> LocalPool:
+        return self if pool == self.name else LocalPool(self.root, pool)
+
+    def meta_lock(self) -> contextlib.AbstractContextManager[None]:
+        """Serialises metadata changes across every local pool under one root."""
+        return flock(self.root / LOCK, timeout=None, what="local pool metadata")
+
+    @contextlib.contextmanager
+    def locked(self, volume: str, timeout: float | None = None) -> Iterator[VolumeMeta]:
+        """Hold a volume's operation lock and yield its current metadata."""
+        self.load(volume)
+        wait = self.lock_timeout if timeout is None else timeout
+        with flock(self.vdir(volume) / LOCK, timeout=wait, what=f"volume {self.name}/{volume}"):
+            yield self.load(volume)
+
+    def load(self, volume: str) -> VolumeMeta:
+        vdir = self.vdir(volume)
+        if not (vdir / META).is_file():
+            raise NotFound(f"volume {self.name}/{volume} does not exist")
+        return load(vdir)
+
+    def save(self, meta: VolumeMeta) -> None:
+        save(self.vdir(meta.name), meta)
+
+    def backing_of(self, meta: VolumeMeta, layer: str) -> str | None:
+        """The backing-file string (relative) for ``layer``: the layer below it, if any."""
+        base = meta.layers[layer]
+        if base is not None:
+            return f"{base}.qcow2"
+        if meta.parent is not None:
+            p = meta.parent
+            parent_meta = self.sibling(p.pool).load(p.volume)
+            return f"../../{p.pool}/{p.volume}/{parent_meta.snapshots[p.snapshot].layer}.qcow2"
+        return None
+
+    # -- volumes ---------------------------------------------------------
+    def create_volume(self, name: str, size: int) -> VolumeInfo:
+        with self.meta_lock():
+            vdir = self._reserve(name)
+            layer = new_layer_id()
+            qemu_img.create(str(vdir / f"{layer}.qcow2"), size)
+            meta = VolumeMeta(name=name, head=layer, size=size, layers={layer: None})
+            self.save(meta)
+        return self.volume_info(name)
+
+    def _reserve(self, name: str) -> Path:
+        vdir = self.vdir(name)
+        if (vdir / META).exists():
+            raise Conflict(f"volume {self.name}/{name} already exists")
+        if vdir.exists():
+            raise Conflict(f"{vdir} is left over from an unfinished operation; run 'snapback gc'")
+        vdir.mkdir(mode=0o755)
+        return vdir
+
+    def volume_info(self, name: str) -> VolumeInfo:
+        meta = self.load(name)
+        allocated = 0
+        for layer in meta.layers:
+            with contextlib.suppress(FileNotFoundError):
+                allocated += self.layer_path(name, layer).stat().st_blocks * 512
+        parent = None
+        if meta.parent:
+            parent = ParentRef(meta.parent.pool, meta.parent.volume, meta.parent.snapshot)
+        return VolumeInfo(name=name, size=meta.size, allocated=allocated, parent=parent)
+
+    def list_volumes(self) -> list[str]:
+        return sorted(p.name for p in self.dir.iterdir() if (p / META).is_file())
+
+    def resize_volume(self, name: str, size: int, *, allow_shrink: bool = False) -> VolumeInfo:
+        with self.locked(name) as meta:
+            if size < meta.size and not allow_shrink:
+                raise InvalidInput(
+                    f"shrinking {self.name}/{name} from {meta.size} to {size} bytes loses the data "
+                    "past the new end; pass --allow-shrink to do it anyway"
+                )
+            qemu_img.resize(str(self.layer_path(name, meta.head)), size, shrink=size < meta.size)
+            meta.size = size
+            with self.meta_lock():
+                self.save(meta)
+        return self.volume_info(name)
+
+    def delete_volume(self, name: str) -> None:
+        with self.locked(name) as meta, self.meta_lock():
+            protected = [f"{name}@{s}" for s, m in meta.snapshots.items() if m.protected]
+            clones = [c for s in meta.snapshots for c in self.children(name, s)]
+            if clones:
+                raise HasDependents(f"volume {self.name}/{name} has snapshots with clones", clones)
+            if protected:
+                raise HasDependents(
+                    f"volume {self.name}/{name} has protected snapshots; unprotect them first",
+                    protected,
+                )
+            vdir = self.vdir(name)
+            (vdir / META).unlink()  # from here on the volume is gone; the rest is debris
+            layers.remove_tree(vdir)
+
+    def import_volume(
+        self, name: str, source: str, image: InspectedImage, progress: ProgressFn | None = None
+    ) -> VolumeInfo:
+        with self.meta_lock():
+            vdir = self._reserve(name)
+        with flock(vdir / LOCK, timeout=0, what=f"volume {self.name}/{name}"):
+            layer = new_layer_id()
+            qemu_img.convert(
+                source,
+                image.format.value,
+                str(vdir / f"{layer}.qcow2"),
+                "qcow2",
+                progress=progress,
+                total=image.virtual_size,
+            )
+            with self.meta_lock():
+                self.save(
+                    VolumeMeta(name=name, head=layer, size=image.virtual_size, layers={layer: None})
+                )
+        return self.volume_info(name)
+
+    def export_volume(
+        self,
+        name: str,
+        dest: str,
+        fmt: DiskFormat,
+        *,
+        snapshot: str | None = None,
+        progress: ProgressFn | None = None,
+    ) -> None:
+        with self.locked(name) as meta:
+            layer = self._snapshot(meta, snapshot).layer if snapshot else meta.head
+            size = meta.snapshots[snapshot].size if snapshot else meta.size
+            layers.export_file(
+                str(self.layer_path(name, layer)), dest, fmt, progress=progress, total=size
+            )
+
+    def open(self, name: str, *, snapshot: str | None = None) -> BlockHandle:
+        stack = contextlib.ExitStack()
+        meta = stack.enter_context(self.locked(name))
+        try:
+            layer = self._snapshot(meta, snapshot).layer if snapshot else meta.head
+            handle = NbdHandle(str(self.layer_path(name, layer)), read_only=snapshot is not None)
+        except BaseException:
+            stack.close()
+            raise
+        return layers.LockedHandle(handle, stack)
+
+    # -- snapshots -------------------------------------------------------
+    def _snapshot(self, meta: VolumeMeta, snapshot: str) -> SnapMeta:
+        validate_name(snapshot, "snapshot name")
+        if snapshot not in meta.snapshots:
+            raise NotFound(f"snapshot {self.name}/{meta.name}@{snapshot} does not exist")
+        return meta.snapshots[snapshot]
+
+    def create_snapshot(self, volume: str, snapshot: str) -> SnapshotInfo:
+        validate_name(snapshot, "snapshot name")
+        with self.locked(volume) as meta, self.meta_lock():
+            if snapshot in meta.snapshots:
+                raise Conflict(f"snapshot {self.name}/{volume}@{snapshot} already exists")
+            frozen, head = meta.head, new_layer_id()
+            qemu_img.create(
+                str(self.layer_path(volume, head)), meta.size, backing=f"{frozen}.qcow2"
+            )
+            meta.snapshots[snapshot] = SnapMeta(
+                layer=frozen, size=meta.size, created_at=time.time()
+            )
+            meta.layers[head] = frozen
+            meta.head = head
+            self.save(meta)
+            os.chmod(self.layer_path(volume, frozen), READ_ONLY)
+            return self._snapshot_info(meta, snapshot)
+
+    def _snapshot_info(self, meta: VolumeMeta, snapshot: str) -> SnapshotInfo:
+        snap = meta.snapshots[snapshot]
+        return SnapshotInfo(
+            name=snapshot,
+            size=snap.size,
+            protected=snap.protected,
+            created_at=snap.created_at,
+            children=tuple(self.children(meta.name, snapshot)),
+        )
+
+    def list_snapshots(self, volume: str) -> list[SnapshotInfo]:
+        meta = self.load(volume)
+        snaps = sorted(meta.snapshots, key=lambda s: (meta.snapshots[s].created_at, s))
+        return [self._snapshot_info(meta, s) for s in snaps]
+
+    def rollback_snapshot(self, volume: str, snapshot: str) -> None:
+        with self.locked(volume) as meta, self.meta_lock():
+            snap = self._snapshot(meta, snapshot)
+            old, head = meta.head, new_layer_id()
+            qemu_img.create(
+                str(self.layer_path(volume, head)), snap.size, backing=f"{snap.layer}.qcow2"
+            )
+            del meta.layers[old]
+            meta.layers[head] = snap.layer
+            meta.head, meta.size = head, snap.size
+            self.save(meta)
+            self.layer_path(volume, old).unlink()
+
+    def delete_snapshot(self, volume: str, snapshot: str) -> None:
+        with self.locked(volume) as meta:
+            with self.meta_lock():
+                snap = self._snapshot(meta, snapshot)
+                clones = self.children(volume, snapshot)
+                if clones:
+                    raise HasDependents(f"snapshot {volume}@{snapshot} has clones", clones)
+                if snap.protected:
+                    raise Conflict(f"snapshot {volume}@{snapshot} is protected; unprotect it first")
+                del meta.snapshots[snapshot]
+                meta.pending = Pending("merge", snap.layer)
+                self.save(meta)
+            layers.finish_pending(self, meta)
+
+    def protect_snapshot(self, volume: str, snapshot: str) -> None:
+        self._set_protected(volume, snapshot, True)
+
+    def unprotect_snapshot(self, volume: str, snapshot: str) -> None:
+        self._set_protected(volume, snapshot, False)
+
+    def _set_protected(self, volume: str, snapshot: str, protected: bool) -> None:
+        with self.locked(volume) as meta, self.meta_lock():
+            snap = self._snapshot(meta, snapshot)
+            if not protected:
+                clones = self.children(volume, snapshot)
+                if clones:
+                    raise HasDependents(
+                        f"cannot unprotect {volume}@{snapshot}: it has clones", clones
+                    )
+            snap.protected = protected
+            self.save(meta)
+
+    # -- clones ----------------------------------------------------------
+    def clone(self, volume: str, snapshot: str, child_pool: StoragePool, child: str) -> VolumeInfo:
+        if not isinstance(child_pool, LocalPool) or child_pool.root != self.root:
+            raise InvalidInput(
+                "a local volume can only be cloned into a local pool of the same root"
+            )
+        with self.locked(volume) as meta, self.meta_lock():
+            snap = self._snapshot(meta, snapshot)
+            if not snap.protected:
+                raise InvalidInput(
+                    f"snapshot {volume}@{snapshot} is not protected; protect it before cloning"
+                )
+            vdir = child_pool._reserve(child)
+            layer = new_layer_id()
+            backing = f"../../{self.name}/{volume}/{snap.layer}.qcow2"
+            qemu_img.create(str(vdir / f"{layer}.qcow2"), snap.size, backing=backing)
+            child_pool.save(
+                VolumeMeta(
+                    name=child,
+                    head=layer,
+                    size=snap.size,
+                    layers={layer: None},
+                    parent=ParentMeta(self.name, volume, snapshot),
+                )
+            )
+        return child_pool.volume_info(child)
+
+    def children(self, volume: str, snapshot: str) -> list[str]:
+        found = []
+        for pool_dir in sorted(p for p in self.root.iterdir() if p.is_dir()):
+            for vdir in sorted(p for p in pool_dir.iterdir() if (p / META).is_file()):
+                parent = load(vdir).parent
+                if parent == ParentMeta(self.name, volume, snapshot):
+                    found.append(f"{pool_dir.name}/{vdir.name}")
+        return found
+
+    def parent(self, volume: str) -> ParentRef | None:
+        return self.volume_info(volume).parent
+
+    def flatten(self, volume: str, progress: ProgressFn | None = None) -> None:
+        with self.locked(volume) as meta:
+            if meta.parent is None:
+                raise InvalidInput(f"volume {self.name}/{volume} has no parent; nothing to flatten")
+            layers.flatten(self, meta, progress)
+
+    # -- housekeeping ----------------------------------------------------
+    def find_debris(self) -> list[Debris]:
+        with self.meta_lock():
+            return layers.find_debris(self)
+
+    def remove_debris(self, item: Debris) -> None:
+        layers.remove_debris(self, item)
+
+    def recover(self) -> list[str]:
+        done = []
+        for volume in self.list_volumes():
+            if self.load(volume).pending is None:
+                continue
+            with contextlib.suppress(Conflict), self.locked(volume, timeout=0) as meta:
+                done += layers.finish_pending(self, meta)
+        return done
