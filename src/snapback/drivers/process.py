@@ -6,8 +6,10 @@ hostile or broken input cannot make a tool eat the machine.
 
 from __future__ import annotations
 
+import ctypes
 import os
 import resource
+import signal
 import subprocess
 import tempfile
 from collections.abc import Callable, Sequence
@@ -29,8 +31,20 @@ class Result:
     stderr: str
 
 
-def _limiter(limits: Limits) -> Callable[[], None]:
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    """Ask Linux to kill the child when snapback dies, so no copy outlives a crash."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+def _limiter(limits: Limits | None) -> Callable[[], None]:
     def apply() -> None:
+        _die_with_parent()
+        if limits is None:
+            return
         if limits.address_space is not None:
             resource.setrlimit(resource.RLIMIT_AS, (limits.address_space, limits.address_space))
         if limits.cpu_seconds is not None:
@@ -53,7 +67,7 @@ def run(
     progress output uses it) while the program runs.
     """
     tool = os.path.basename(argv[0])
-    preexec = _limiter(limits) if limits else None
+    preexec = _limiter(limits)
     with tempfile.TemporaryFile() as errfile:
         try:
             proc = subprocess.Popen(

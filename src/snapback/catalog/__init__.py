@@ -1,0 +1,1 @@
+"""The catalogue: SQLAlchemy models and Alembic migrations (SQLite by default, PostgreSQL-ready)."""

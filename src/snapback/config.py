@@ -1,0 +1,82 @@
+"""Settings: where snapback keeps its state and which pools it serves.
+
+Defaults are embedded so snapback runs with no configuration at all:
+``$SNAPBACK_HOME`` (default ``/var/lib/snapback``) holds the catalogue
+(``catalog.db``, SQLite in WAL mode), the locks and two ``local`` pools,
+``default`` for volumes and ``images`` for the image catalogue. An optional
+``$SNAPBACK_HOME/snapback.toml`` overrides them::
+
+    [catalog]
+    url = "postgresql+psycopg://snapback@localhost/snapback"
+
+    [pools.fast]
+    driver = "local"
+    path = "/srv/fast"
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from snapback.domain.errors import InvalidInput
+from snapback.domain.names import validate_name
+
+DEFAULT_HOME = "/var/lib/snapback"
+DEFAULT_POOL = "default"
+IMAGE_POOL = "images"
+
+
+@dataclass(frozen=True)
+class PoolConfig:
+    name: str
+    driver: str
+    path: Path
+
+
+@dataclass(frozen=True)
+class Settings:
+    home: Path
+    catalog_url: str
+    pools: dict[str, PoolConfig] = field(default_factory=dict)
+    default_pool: str = DEFAULT_POOL
+    image_pool: str = IMAGE_POOL
+
+    @property
+    def locks(self) -> Path:
+        return self.home / "locks"
+
+    @property
+    def staging(self) -> Path:
+        return self.home / "staging"
+
+
+def load_settings(home: str | os.PathLike[str] | None = None) -> Settings:
+    base = Path(home or os.environ.get("SNAPBACK_HOME") or DEFAULT_HOME).absolute()
+    data: dict[str, object] = {}
+    cfg_file = base / "snapback.toml"
+    if cfg_file.is_file():
+        try:
+            data = tomllib.loads(cfg_file.read_text())
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise InvalidInput(f"cannot read {cfg_file}: {exc}") from exc
+    catalog = data.get("catalog", {})
+    url = catalog.get("url") if isinstance(catalog, dict) else None
+    url = os.environ.get("SNAPBACK_CATALOG_URL") or url or f"sqlite:///{base / 'catalog.db'}"
+    local_root = base / "pools"
+    pools = {
+        DEFAULT_POOL: PoolConfig(DEFAULT_POOL, "local", local_root),
+        IMAGE_POOL: PoolConfig(IMAGE_POOL, "local", local_root),
+    }
+    raw_pools = data.get("pools", {})
+    if isinstance(raw_pools, dict):
+        for name, spec in raw_pools.items():
+            if not isinstance(spec, dict):
+                raise InvalidInput(f"{cfg_file}: [pools.{name}] must be a table")
+            validate_name(name, "pool name")
+            pools[name] = PoolConfig(
+                name, str(spec.get("driver", "local")), Path(str(spec.get("path", local_root)))
+            )
+    return Settings(home=base, catalog_url=str(url), pools=pools)

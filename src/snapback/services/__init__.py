@@ -1,0 +1,1 @@
+"""Use-cases: volumes, snapshots, images, gc. Services hold the transactions."""

@@ -1,0 +1,58 @@
+"""What every service needs: settings, the catalogue, the pools and locks."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from functools import cached_property
+
+from sqlalchemy.engine import Engine
+from sqlalchemy.orm import Session, sessionmaker
+
+from snapback.catalog.db import open_engine, session_factory
+from snapback.config import Settings
+from snapback.domain.errors import InvalidInput, NotFound
+from snapback.drivers.storage.base import StoragePool
+from snapback.drivers.storage.local import LocalPool
+from snapback.drivers.storage.local.meta import flock
+
+
+class Context:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        settings.home.mkdir(parents=True, exist_ok=True)
+        settings.locks.mkdir(exist_ok=True)
+        settings.staging.mkdir(exist_ok=True)
+        self._pools: dict[str, StoragePool] = {}
+
+    @cached_property
+    def engine(self) -> Engine:
+        return open_engine(self.settings.catalog_url)
+
+    @cached_property
+    def sessions(self) -> sessionmaker[Session]:
+        return session_factory(self.engine)
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[Session]:
+        """One unit of work: committed on success, rolled back on any error."""
+        with self.sessions() as session, session.begin():
+            yield session
+
+    def pool(self, name: str | None = None) -> StoragePool:
+        name = name or self.settings.default_pool
+        if name not in self._pools:
+            cfg = self.settings.pools.get(name)
+            if cfg is None:
+                known = ", ".join(sorted(self.settings.pools))
+                raise NotFound(f"pool {name!r} is not configured (known pools: {known})")
+            if cfg.driver != "local":
+                raise InvalidInput(f"pool {name!r}: unknown driver {cfg.driver!r}")
+            self._pools[name] = LocalPool(cfg.path, name)
+        return self._pools[name]
+
+    def lock(
+        self, key: str, *, timeout: float | None = 60.0
+    ) -> contextlib.AbstractContextManager[None]:
+        """A named, cross-process lock (``key`` is built by the project, never a user name)."""
+        return flock(self.settings.locks / f"{key}.lock", timeout=timeout, what=key)

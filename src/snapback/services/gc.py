@@ -1,0 +1,190 @@
+"""Garbage collection: recover abandoned operations, finish deferred deletes,
+and find (and remove) storage objects nothing in the catalogue explains.
+
+This is the clean answer to OpenStack's leftover ``_to_be_deleted_by_glance``
+volumes: a delete that must wait is recorded (``pending_delete``) and ``gc``
+finishes it once the last dependent is gone.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+
+from sqlalchemy import select
+
+from snapback.catalog.models import Image, Operation, Snapshot, Volume
+from snapback.domain.errors import Busy, HasDependents, NotFound, SnapbackError
+from snapback.domain.models import (
+    ImageStatus,
+    OperationStatus,
+    SnapshotStatus,
+    VolumeStatus,
+)
+from snapback.services import journal
+from snapback.services.catalog_queries import clones_of, volume_label
+from snapback.services.context import Context
+from snapback.services.snapshots import SnapshotService
+from snapback.services.views import GcReport
+from snapback.services.volumes import VolumeService
+
+
+class GcService:
+    def __init__(self, ctx: Context) -> None:
+        self.ctx = ctx
+        self.volumes = VolumeService(ctx)
+        self.snapshots = SnapshotService(ctx)
+
+    def run(self, *, dry_run: bool = False) -> GcReport:
+        report = GcReport(dry_run=dry_run)
+        report.recovered.extend(journal.recover_abandoned(self.ctx, dry_run=dry_run))
+        if not dry_run:
+            for name in self.ctx.settings.pools:
+                report.recovered.extend(self.ctx.pool(name).recover())
+        self._deferred(report, dry_run)
+        self._orphans(report, dry_run)
+        return report
+
+    # -- deferred deletions ---------------------------------------------
+    def _deferred(self, report: GcReport, dry_run: bool) -> None:
+        progress = True
+        while progress:  # removing a clone may free its parent: repeat until nothing moves
+            progress = False
+            with self.ctx.sessions() as s:
+                snaps = s.scalars(
+                    select(Snapshot).where(Snapshot.status == SnapshotStatus.PENDING_DELETE)
+                ).all()
+                vols = s.scalars(
+                    select(Volume).where(Volume.status == VolumeStatus.PENDING_DELETE)
+                ).all()
+                waits = {sn.id: [volume_label(c) for c in clones_of(s, sn.id)] for sn in snaps}
+                labels = {sn.id: f"{sn.volume.pool}/{sn.volume.name}@{sn.name}" for sn in snaps}
+            for snap in snaps:
+                progress |= self._try(
+                    report,
+                    dry_run,
+                    labels[snap.id],
+                    waits[snap.id],
+                    lambda i=snap.id: self.snapshots.remove(i),
+                )
+            for vol in vols:
+                deps = self.volumes.dependents(vol.id)
+                progress |= self._try(
+                    report,
+                    dry_run,
+                    f"volume {vol.pool}/{vol.name}",
+                    deps,
+                    lambda i=vol.id: self.volumes.remove(i),
+                )
+            progress = progress and not dry_run
+        self._finish_images()
+
+    def _try(
+        self, report: GcReport, dry_run: bool, label: str, deps: list[str], remove: Callable[[], None]
+    ) -> bool:
+        if deps:
+            report.waiting.append(f"{label} waits for {', '.join(deps)}")
+            return False
+        if dry_run:
+            report.deleted.append(f"would delete {label}")
+            return False
+        try:
+            remove()
+        except (HasDependents, Busy) as exc:
+            report.waiting.append(f"{label}: {exc}")
+            return False
+        report.deleted.append(f"deleted {label}")
+        return True
+
+    def _finish_images(self) -> None:
+        with self.ctx.transaction() as s:
+            for img in s.scalars(select(Image).where(Image.status == ImageStatus.PENDING_DELETE)):
+                vol = s.get(Volume, img.volume_id) if img.volume_id else None
+                if vol is None or vol.status == VolumeStatus.DELETED:
+                    img.status = ImageStatus.DELETED
+
+    # -- orphans ---------------------------------------------------------
+    def _in_flight(self) -> set[str]:
+        """Storage names that running operations are creating right now."""
+        names: set[str] = set()
+        with self.ctx.sessions() as s:
+            for op in s.scalars(
+                select(Operation).where(Operation.status == OperationStatus.RUNNING)
+            ):
+                payload = json.loads(op.payload)
+                names.update(str(v) for v in payload.values())
+                for step in op.steps:
+                    names.update(str(v) for v in json.loads(step.data).values())
+        return names
+
+    def _orphans(self, report: GcReport, dry_run: bool) -> None:
+        busy = self._in_flight()
+        with self.ctx.sessions() as s:
+            known = {
+                (v.pool, v.storage_name): v
+                for v in s.scalars(select(Volume).where(Volume.status != VolumeStatus.DELETED))
+            }
+            snaps = {
+                (sn.volume_id, sn.storage_name)
+                for sn in s.scalars(
+                    select(Snapshot).where(Snapshot.status != SnapshotStatus.DELETED)
+                )
+            }
+            busy |= {v.id for v in known.values()} & busy
+        for pool_name in self.ctx.settings.pools:
+            driver = self.ctx.pool(pool_name)
+            for storage in driver.list_volumes():
+                vol = known.get((pool_name, storage))
+                if vol is None:
+                    if storage not in busy:
+                        self._orphan(
+                            report,
+                            dry_run,
+                            f"{pool_name}/{storage}",
+                            "volume no catalogue entry explains",
+                            lambda d=driver, n=storage: d.delete_volume(n),
+                        )
+                    continue
+                for snap in driver.list_snapshots(storage):
+                    if (vol.id, snap.name) not in snaps and snap.name not in busy:
+                        self._orphan(
+                            report,
+                            dry_run,
+                            f"{pool_name}/{storage}@{snap.name}",
+                            "snapshot no catalogue entry explains",
+                            lambda d=driver, v=storage, n=snap.name: d.delete_snapshot(v, n),
+                        )
+            for item in driver.find_debris():
+                self._orphan(
+                    report,
+                    dry_run,
+                    item.path,
+                    item.reason,
+                    lambda d=driver, i=item: d.remove_debris(i),
+                )
+            present = set(driver.list_volumes())
+            for (pool, storage), vol in known.items():
+                if (
+                    pool == pool_name
+                    and storage not in present
+                    and vol.id not in busy
+                    and vol.status != VolumeStatus.CREATING
+                ):
+                    report.problems.append(
+                        f"volume {pool}/{vol.name} is catalogued but its "
+                        f"storage {storage} is missing"
+                    )
+
+    def _orphan(
+        self, report: GcReport, dry_run: bool, what: str, reason: str, remove: Callable[[], None]
+    ) -> None:
+        if dry_run:
+            report.debris.append(f"{what}: {reason}")
+            return
+        try:
+            remove()
+            report.debris.append(f"removed {what}: {reason}")
+        except (Busy, NotFound):
+            pass  # in use by a running operation, or gone meanwhile
+        except SnapbackError as exc:
+            report.problems.append(f"cannot remove {what}: {exc}")
