@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from functools import partial
 
 from sqlalchemy import select
 
@@ -65,7 +66,7 @@ class GcService:
                     dry_run,
                     labels[snap.id],
                     waits[snap.id],
-                    lambda i=snap.id: self.snapshots.remove(i),
+                    partial(self.snapshots.remove, snap.id),
                 )
             for vol in vols:
                 deps = self.volumes.dependents(vol.id)
@@ -74,13 +75,18 @@ class GcService:
                     dry_run,
                     f"volume {vol.pool}/{vol.name}",
                     deps,
-                    lambda i=vol.id: self.volumes.remove(i),
+                    partial(self.volumes.remove, vol.id),
                 )
             progress = progress and not dry_run
         self._finish_images()
 
     def _try(
-        self, report: GcReport, dry_run: bool, label: str, deps: list[str], remove: Callable[[], None]
+        self,
+        report: GcReport,
+        dry_run: bool,
+        label: str,
+        deps: list[str],
+        remove: Callable[[], None],
     ) -> bool:
         if deps:
             report.waiting.append(f"{label} waits for {', '.join(deps)}")
@@ -142,7 +148,7 @@ class GcService:
                             dry_run,
                             f"{pool_name}/{storage}",
                             "volume no catalogue entry explains",
-                            lambda d=driver, n=storage: d.delete_volume(n),
+                            partial(driver.delete_volume, storage),
                         )
                     continue
                 for snap in driver.list_snapshots(storage):
@@ -152,7 +158,7 @@ class GcService:
                             dry_run,
                             f"{pool_name}/{storage}@{snap.name}",
                             "snapshot no catalogue entry explains",
-                            lambda d=driver, v=storage, n=snap.name: d.delete_snapshot(v, n),
+                            partial(driver.delete_snapshot, storage, snap.name),
                         )
             for item in driver.find_debris():
                 self._orphan(
@@ -160,7 +166,7 @@ class GcService:
                     dry_run,
                     item.path,
                     item.reason,
-                    lambda d=driver, i=item: d.remove_debris(i),
+                    partial(driver.remove_debris, item),
                 )
             present = set(driver.list_volumes())
             for (pool, storage), vol in known.items():
