@@ -1,0 +1,78 @@
+"""``snapback``: the root command, shared options and the exit codes (docs/cli.md)."""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import click
+
+from snapback.config import load_settings
+from snapback.domain.errors import SnapbackError
+from snapback.services.context import Context
+
+EXIT_INTERRUPTED = 130
+
+
+class SnapbackGroup(click.Group):
+    """Turns every SnapbackError into one line on stderr and its exit code."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except SnapbackError as exc:
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(exc.exit_code)
+        except KeyboardInterrupt:
+            click.echo("interrupted", err=True)
+            sys.exit(EXIT_INTERRUPTED)
+
+
+@click.group(cls=SnapbackGroup)
+@click.option(
+    "--home",
+    envvar="SNAPBACK_HOME",
+    type=click.Path(file_okay=False),
+    help="State folder (catalogue, pools, locks). Default: /var/lib/snapback.",
+)
+@click.version_option(package_name="snapback")
+@click.pass_context
+def cli(ctx: click.Context, home: str | None) -> None:
+    """snapback: snapshots, images and backups of virtual machine disks."""
+    ctx.obj = LazyContext(home)
+
+
+class LazyContext:
+    """Opens the catalogue only when a command needs it (so --help stays instant)."""
+
+    def __init__(self, home: str | None) -> None:
+        self.home = home
+        self._ctx: Context | None = None
+
+    def get(self) -> Context:
+        if self._ctx is None:
+            self._ctx = Context(load_settings(self.home))
+        return self._ctx
+
+
+def context(click_ctx: click.Context) -> Context:
+    obj = click_ctx.find_root().obj
+    assert isinstance(obj, LazyContext)
+    return obj.get()
+
+
+def _register() -> None:
+    from snapback.cli import gc, images, snapshots, tour, volumes
+
+    cli.add_command(volumes.volume)
+    cli.add_command(snapshots.snapshot)
+    cli.add_command(images.image)
+    cli.add_command(gc.gc)
+    cli.add_command(tour.tour)
+
+
+_register()
+
+
+def main() -> None:
+    cli(prog_name="snapback")
