@@ -1,0 +1,111 @@
+"""Shared fixtures: a fresh state folder, the services on it, and the real CLI.
+
+Everything runs against real qemu-img / qemu-nbd / libnbd; nothing is mocked.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from snapback.config import load_settings
+from snapback.services.context import Context
+from snapback.services.gc import GcService
+
+ROOT = Path(__file__).resolve().parent.parent
+SNAPBACK = str(Path(sys.executable).with_name("snapback"))
+MIB = 1 << 20
+
+
+@pytest.fixture
+def home(tmp_path: Path) -> Path:
+    h = tmp_path / "home"
+    h.mkdir()
+    return h
+
+
+@pytest.fixture
+def ctx(home: Path) -> Context:
+    return Context(load_settings(home))
+
+
+@dataclass
+class CliResult:
+    returncode: int
+    stdout: str
+    stderr: str
+
+    def json(self) -> Any:
+        return json.loads(self.stdout)
+
+
+@dataclass
+class Cli:
+    home: Path
+    env: dict[str, str]
+
+    def __call__(self, *args: str, env: dict[str, str] | None = None, check: bool = True,
+                 timeout: float = 120) -> CliResult:
+        full_env = {**os.environ, "SNAPBACK_HOME": str(self.home), **self.env, **(env or {})}
+        proc = subprocess.run([SNAPBACK, *args], capture_output=True, text=True, env=full_env,
+                              timeout=timeout, check=False)
+        result = CliResult(proc.returncode, proc.stdout, proc.stderr)
+        if check and proc.returncode != 0:
+            raise AssertionError(f"snapback {' '.join(args)} failed ({proc.returncode}):\n"
+                                 f"{proc.stderr}{proc.stdout}")
+        return result
+
+    def json(self, *args: str) -> Any:
+        return self(*args, "--format", "json").json()
+
+
+@pytest.fixture
+def qemu_img_log(tmp_path: Path) -> Iterator[Path]:
+    """A real qemu-img behind a wrapper that logs every argument list it is given."""
+    log = tmp_path / "qemu-img.log"
+    wrapper = tmp_path / "qemu-img-logged"
+    wrapper.write_text(
+        "#!/bin/sh\n"
+        f'printf "%s\\n" "$*" >> "{log}"\n'
+        'exec qemu-img "$@"\n'
+    )
+    wrapper.chmod(0o755)
+    log.touch()
+    yield log
+
+
+@pytest.fixture
+def cli(home: Path, qemu_img_log: Path) -> Cli:
+    return Cli(home, {"SNAPBACK_QEMU_IMG": str(qemu_img_log.with_name("qemu-img-logged"))})
+
+
+def write_bytes(ctx: Context, pool: str, storage: str, offset: int, data: bytes) -> None:
+    with ctx.pool(pool).open(storage) as h:
+        h.write(offset, data)
+
+
+def make_raw(path: Path, size: int, chunks: dict[int, bytes]) -> Path:
+    with open(path, "wb") as f:
+        f.truncate(size)
+        for off, data in chunks.items():
+            f.seek(off)
+            f.write(data)
+    return path
+
+
+def assert_consistent(ctx: Context) -> None:
+    """The invariants a crash or an error must not break (DESIGN §4)."""
+    report = GcService(ctx).run(dry_run=True)
+    assert report.recovered == [], report
+    assert report.debris == [], report
+    assert report.problems == [], report
+    staging = list(ctx.settings.staging.iterdir())
+    assert staging == [], f"staging not empty: {staging}"

@@ -1,0 +1,222 @@
+"""The StoragePool contract: what every driver must do, checked on real storage."""
+
+from __future__ import annotations
+
+import hashlib
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from snapback.domain.errors import Conflict, HasDependents, InvalidInput, NotFound
+from snapback.domain.models import DiskFormat
+from snapback.drivers.imagefmt.inspector import inspect
+from snapback.drivers.storage.base import StoragePool
+from tests.contract.conftest import PoolFactory
+
+MIB = 1 << 20
+SIZE = 32 * MIB
+
+
+def digest(pool: StoragePool, volume: str, snapshot: str | None = None) -> str:
+    h = hashlib.sha256()
+    with pool.open(volume, snapshot=snapshot) as handle:
+        for off in range(0, handle.size, 4 * MIB):
+            h.update(handle.read(off, min(4 * MIB, handle.size - off)))
+    return h.hexdigest()
+
+
+def write(pool: StoragePool, volume: str, offset: int, data: bytes) -> None:
+    with pool.open(volume) as handle:
+        handle.write(offset, data)
+
+
+def read(pool: StoragePool, volume: str, offset: int, length: int,
+         snapshot: str | None = None) -> bytes:
+    with pool.open(volume, snapshot=snapshot) as handle:
+        return handle.read(offset, length)
+
+
+def test_create_show_list(pool: StoragePool) -> None:
+    info = pool.create_volume("v1", SIZE)
+    assert info.size == SIZE and info.parent is None
+    assert info.allocated < 2 * MIB, "a new volume must be thin"
+    assert "v1" in pool.list_volumes()
+    with pytest.raises(Conflict):
+        pool.create_volume("v1", SIZE)
+    with pytest.raises(NotFound):
+        pool.volume_info("nope")
+
+
+@pytest.mark.parametrize("bad", ["../x", "a/b", "..", "x\x00", "x" * 200])
+def test_bad_names_refused(pool: StoragePool, bad: str) -> None:
+    with pytest.raises(InvalidInput):
+        pool.create_volume(bad, SIZE)
+
+
+def test_write_read_and_allocation(pool: StoragePool) -> None:
+    pool.create_volume("v", SIZE)
+    write(pool, "v", 3 * MIB, b"x" * MIB)
+    assert read(pool, "v", 3 * MIB, 4) == b"xxxx"
+    assert read(pool, "v", 0, 4) == b"\0" * 4
+    assert MIB <= pool.volume_info("v").allocated < 3 * MIB
+
+
+def test_resize(pool: StoragePool) -> None:
+    pool.create_volume("v", SIZE)
+    write(pool, "v", SIZE - 4096, b"t" * 4096)
+    assert pool.resize_volume("v", 2 * SIZE).size == 2 * SIZE
+    assert read(pool, "v", SIZE - 4096, 4) == b"tttt"
+    assert read(pool, "v", 2 * SIZE - 4096, 4) == b"\0" * 4
+    with pytest.raises(InvalidInput, match="allow-shrink"):
+        pool.resize_volume("v", SIZE // 2)
+    assert pool.volume_info("v").size == 2 * SIZE
+    assert pool.resize_volume("v", SIZE // 2, allow_shrink=True).size == SIZE // 2
+
+
+def test_snapshot_freezes_content_without_copying(pool: StoragePool) -> None:
+    pool.create_volume("v", SIZE)
+    write(pool, "v", 0, b"a" * (8 * MIB))
+    before = pool.volume_info("v").allocated
+    snap = pool.create_snapshot("v", "s1")
+    assert snap.name == "s1" and not snap.protected and snap.size == SIZE
+    assert pool.volume_info("v").allocated - before < MIB, "a snapshot must not copy data"
+    write(pool, "v", 0, b"b" * MIB)
+    assert read(pool, "v", 0, 2, snapshot="s1") == b"aa"
+    assert read(pool, "v", 0, 2) == b"bb"
+    assert [s.name for s in pool.list_snapshots("v")] == ["s1"]
+    with pytest.raises(Conflict):
+        pool.create_snapshot("v", "s1")
+    with pytest.raises(NotFound):
+        pool.rollback_snapshot("v", "nope")
+
+
+def test_rollback_gives_back_exact_bytes(pool: StoragePool) -> None:
+    pool.create_volume("v", SIZE)
+    write(pool, "v", 5 * MIB, b"original" * 1000)
+    pool.create_snapshot("v", "s1")
+    expected = digest(pool, "v")
+    write(pool, "v", 5 * MIB, b"changed!" * 1000)
+    write(pool, "v", 20 * MIB, b"new" * 1000)
+    pool.resize_volume("v", 2 * SIZE)
+    pool.rollback_snapshot("v", "s1")
+    assert digest(pool, "v") == expected
+    assert pool.volume_info("v").size == SIZE
+    pool.rollback_snapshot("v", "s1")  # twice in a row is fine
+    assert digest(pool, "v") == expected
+
+
+def test_deleting_snapshots_keeps_what_others_read(pool: StoragePool) -> None:
+    pool.create_volume("v", SIZE)
+    sums = {}
+    for i, name in enumerate(["s1", "s2", "s3"]):
+        write(pool, "v", i * MIB, bytes([65 + i]) * MIB)
+        pool.create_snapshot("v", name)
+        sums[name] = digest(pool, "v", name)
+    write(pool, "v", 10 * MIB, b"head" * 1000)
+    head = digest(pool, "v")
+    pool.delete_snapshot("v", "s2")  # a middle layer with one child
+    assert digest(pool, "v", "s3") == sums["s3"] and digest(pool, "v") == head
+    pool.rollback_snapshot("v", "s1")  # s1's layer now has two children: s3's and the head
+    write(pool, "v", 12 * MIB, b"branch" * 100)
+    branch = digest(pool, "v")
+    pool.delete_snapshot("v", "s1")
+    assert digest(pool, "v", "s3") == sums["s3"]
+    assert digest(pool, "v") == branch
+    pool.delete_snapshot("v", "s3")
+    assert digest(pool, "v") == branch
+    assert pool.list_snapshots("v") == []
+    assert pool.find_debris() == []
+
+
+def test_protection_and_clone_rules(make_pool: PoolFactory) -> None:
+    pool, other = make_pool("vols"), make_pool("others")
+    pool.create_volume("base", SIZE)
+    write(pool, "base", 0, b"parent" * 100)
+    pool.create_snapshot("base", "gold")
+    with pytest.raises(InvalidInput, match="protect"):
+        pool.clone("base", "gold", pool, "c1")
+    pool.protect_snapshot("base", "gold")
+    with pytest.raises(Conflict):
+        pool.delete_snapshot("base", "gold")
+    c1 = pool.clone("base", "gold", pool, "c1")
+    c2 = pool.clone("base", "gold", other, "c2")
+    assert c1.allocated < 2 * MIB and c1.size == SIZE
+    assert str(pool.parent("c1")) == "vols/base@gold"
+    assert pool.children("base", "gold") == ["others/c2", "vols/c1"]
+    write(pool, "c1", 4 * MIB, b"child" * 100)
+    write(pool, "base", 0, b"PARENT" * 100)
+    assert read(pool, "c1", 0, 6) == b"parent" and read(pool, "c1", 4 * MIB, 5) == b"child"
+    assert read(other, "c2", 0, 6) == b"parent" and read(other, "c2", 4 * MIB, 5) == b"\0" * 5
+    with pytest.raises(HasDependents) as err:
+        pool.unprotect_snapshot("base", "gold")
+    assert err.value.dependents == ["others/c2", "vols/c1"]
+    with pytest.raises(HasDependents, match="vols/c1"):
+        pool.delete_volume("base")
+    assert pool.list_snapshots("base")[0].children == ("others/c2", "vols/c1")
+    other.delete_volume("c2")
+    assert pool.children("base", "gold") == ["vols/c1"]
+
+
+def test_flatten_keeps_bytes_and_ends_dependency(pool: StoragePool) -> None:
+    pool.create_volume("base", SIZE)
+    write(pool, "base", 2 * MIB, b"p" * MIB)
+    pool.create_snapshot("base", "gold")
+    pool.protect_snapshot("base", "gold")
+    pool.clone("base", "gold", pool, "c")
+    write(pool, "c", 9 * MIB, b"c" * MIB)
+    pool.create_snapshot("c", "c-snap")  # the clone has its own snapshot too
+    write(pool, "c", 11 * MIB, b"d" * 4096)
+    expected, snap_expected = digest(pool, "c"), digest(pool, "c", "c-snap")
+    seen = []
+    pool.flatten("c", progress=seen.append)
+    assert pool.parent("c") is None
+    assert pool.children("base", "gold") == []
+    assert seen and seen[-1].done <= seen[-1].total
+    pool.unprotect_snapshot("base", "gold")
+    pool.delete_volume("base")
+    assert digest(pool, "c") == expected
+    assert digest(pool, "c", "c-snap") == snap_expected
+    with pytest.raises(InvalidInput, match="no parent"):
+        pool.flatten("c")
+
+
+def test_export_and_import(pool: StoragePool, tmp_path: Path) -> None:
+    pool.create_volume("v", SIZE)
+    write(pool, "v", MIB, b"export-me" * 100)
+    pool.create_snapshot("v", "s")
+    write(pool, "v", MIB, b"later" * 100)
+    raw, qcow, snap_raw = tmp_path / "v.raw", tmp_path / "v.qcow2", tmp_path / "s.raw"
+    pool.export_volume("v", str(raw), DiskFormat.RAW)
+    pool.export_volume("v", str(qcow), DiskFormat.QCOW2)
+    pool.export_volume("v", str(snap_raw), DiskFormat.RAW, snapshot="s")
+    assert raw.stat().st_size == SIZE
+    with open(raw, "rb") as f:
+        assert hashlib.sha256(f.read()).hexdigest() == digest(pool, "v")
+    with open(snap_raw, "rb") as f:
+        f.seek(MIB)
+        assert f.read(9) == b"export-me"
+    with pytest.raises(Conflict, match="overwrite"):
+        pool.export_volume("v", str(raw), DiskFormat.RAW)
+    for name, path in (("from-raw", raw), ("from-qcow", qcow)):
+        pool.import_volume(name, str(path), inspect(str(path)))
+        assert digest(pool, name) == digest(pool, "v")
+    fmt = subprocess.run(["qemu-img", "info", "--output=json", str(qcow)], capture_output=True,
+                         text=True, check=True).stdout
+    assert '"format": "qcow2"' in fmt
+
+
+def test_delete_volume_rules(pool: StoragePool) -> None:
+    pool.create_volume("v", SIZE)
+    pool.create_snapshot("v", "plain")
+    pool.create_snapshot("v", "guarded")
+    pool.protect_snapshot("v", "guarded")
+    with pytest.raises(HasDependents, match="v@guarded"):
+        pool.delete_volume("v")
+    assert "v" in pool.list_volumes()
+    pool.unprotect_snapshot("v", "guarded")
+    pool.delete_volume("v")
+    assert "v" not in pool.list_volumes()
+    with pytest.raises(NotFound):
+        pool.delete_volume("v")
+    assert pool.find_debris() == [] and pool.recover() == []
