@@ -31,8 +31,14 @@ if ((${#missing[@]})); then
   printf '#!/bin/sh\nexit 101\n' >/usr/sbin/policy-rc.d
   chmod 755 /usr/sbin/policy-rc.d
   trap 'rm -f /usr/sbin/policy-rc.d' EXIT
-  apt-get update -qq >/dev/null
-  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  log=$(mktemp)
+  if ! { apt-get update -qq && apt-get install -y -qq --no-install-recommends "${missing[@]}"; } \
+      >"$log" 2>&1; then
+    cat "$log" >&2
+    echo "bootstrap: apt-get failed" >&2
+    exit 1
+  fi
+  rm -f "$log"
 fi
 
 venv="$here/.venv"
@@ -45,7 +51,12 @@ stamp="$venv/.snapback-installed"
 want=$(sha256sum pyproject.toml | cut -d' ' -f1)
 if [[ ! -f "$stamp" || "$(cat "$stamp")" != "$want" ]]; then
   echo "bootstrap: installing snapback into $venv" >&2
-  "$venv/bin/python" -m pip install -q --upgrade pip >/dev/null
-  "$venv/bin/python" -m pip install -q -e ".[dev]" >/dev/null
+  log=$(mktemp)
+  if ! "$venv/bin/python" -m pip install -q -e ".[dev]" >"$log" 2>&1; then
+    cat "$log" >&2
+    echo "bootstrap: pip install failed" >&2
+    exit 1
+  fi
+  rm -f "$log"
   echo "$want" >"$stamp"
 fi

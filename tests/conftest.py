@@ -52,15 +52,27 @@ class Cli:
     home: Path
     env: dict[str, str]
 
-    def __call__(self, *args: str, env: dict[str, str] | None = None, check: bool = True,
-                 timeout: float = 120) -> CliResult:
+    def __call__(
+        self,
+        *args: str,
+        env: dict[str, str] | None = None,
+        check: bool = True,
+        timeout: float = 120,
+    ) -> CliResult:
         full_env = {**os.environ, "SNAPBACK_HOME": str(self.home), **self.env, **(env or {})}
-        proc = subprocess.run([SNAPBACK, *args], capture_output=True, text=True, env=full_env,
-                              timeout=timeout, check=False)
+        proc = subprocess.run(
+            [SNAPBACK, *args],
+            capture_output=True,
+            text=True,
+            env=full_env,
+            timeout=timeout,
+            check=False,
+        )
         result = CliResult(proc.returncode, proc.stdout, proc.stderr)
         if check and proc.returncode != 0:
-            raise AssertionError(f"snapback {' '.join(args)} failed ({proc.returncode}):\n"
-                                 f"{proc.stderr}{proc.stdout}")
+            raise AssertionError(
+                f"snapback {' '.join(args)} failed ({proc.returncode}):\n{proc.stderr}{proc.stdout}"
+            )
         return result
 
     def json(self, *args: str) -> Any:
@@ -72,11 +84,7 @@ def qemu_img_log(tmp_path: Path) -> Iterator[Path]:
     """A real qemu-img behind a wrapper that logs every argument list it is given."""
     log = tmp_path / "qemu-img.log"
     wrapper = tmp_path / "qemu-img-logged"
-    wrapper.write_text(
-        "#!/bin/sh\n"
-        f'printf "%s\\n" "$*" >> "{log}"\n'
-        'exec qemu-img "$@"\n'
-    )
+    wrapper.write_text(f'#!/bin/sh\nprintf "%s\\n" "$*" >> "{log}"\nexec qemu-img "$@"\n')
     wrapper.chmod(0o755)
     log.touch()
     yield log

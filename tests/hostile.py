@@ -16,8 +16,11 @@ def qemu_img(*args: str) -> None:
 
 def good_qcow2(path: Path, data_mib: int = 2) -> Path:
     qemu_img("create", "-q", "-f", "qcow2", str(path), "16M")
-    subprocess.run(["qemu-io", "-f", "qcow2", "-c", f"write -P 0x5a 0 {data_mib}M", str(path)],
-                   check=True, capture_output=True)
+    subprocess.run(
+        ["qemu-io", "-f", "qcow2", "-c", f"write -P 0x5a 0 {data_mib}M", str(path)],
+        check=True,
+        capture_output=True,
+    )
     return path
 
 
@@ -43,22 +46,43 @@ def _backing_host_file(d: Path) -> Path:
 
 def _backing_json(d: Path) -> Path:
     p = d / "backing-json.qcow2"
-    qemu_img("create", "-q", "-f", "qcow2", "-u", "-b",
-             'json:{"driver":"file","filename":"/etc/shadow"}', "-F", "raw", str(p), "1M")
+    qemu_img(
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-u",
+        "-b",
+        'json:{"driver":"file","filename":"/etc/shadow"}',
+        "-F",
+        "raw",
+        str(p),
+        "1M",
+    )
     return p
 
 
 def _data_file(d: Path) -> Path:
     p = d / "data-file.qcow2"
-    qemu_img("create", "-q", "-f", "qcow2", "-o",
-             f"data_file={d / 'outside.raw'},data_file_raw=on", str(p), "1M")
+    qemu_img(
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-o",
+        f"data_file={d / 'outside.raw'},data_file_raw=on",
+        str(p),
+        "1M",
+    )
     return p
 
 
 def _vmdk_descriptor(d: Path) -> Path:
     p = d / "descriptor.vmdk"
-    p.write_text('# Disk DescriptorFile\nversion=1\nCID=fffffffe\nparentCID=ffffffff\n'
-                 'createType="monolithicFlat"\n\nRW 2048 FLAT "/etc/passwd" 0\n')
+    p.write_text(
+        "# Disk DescriptorFile\nversion=1\nCID=fffffffe\nparentCID=ffffffff\n"
+        'createType="monolithicFlat"\n\nRW 2048 FLAT "/etc/passwd" 0\n'
+    )
     return pad_to_sector(p)
 
 
@@ -73,6 +97,7 @@ def _other(fmt: str) -> Callable[[Path], Path]:
         p = d / f"image.{fmt}"
         qemu_img("create", "-q", "-f", fmt, str(p), "1M")
         return pad_to_sector(p)
+
     return make
 
 

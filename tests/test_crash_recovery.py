@@ -87,8 +87,11 @@ def test_flatten_killed_at_each_step(cli: Cli, tmp_path: Path, step: str) -> Non
 
 
 def test_flatten_killed_mid_copy(cli: Cli, tmp_path: Path) -> None:
-    raw = make_raw(tmp_path / "parent.raw", 192 * MIB,
-                   {i * MIB: bytes([i % 251]) * MIB for i in range(0, 192, 2)})
+    raw = make_raw(
+        tmp_path / "parent.raw",
+        192 * MIB,
+        {i * MIB: bytes([i % 251]) * MIB for i in range(0, 192, 2)},
+    )
     cli("volume", "import", "parent", "--file", str(raw))
     cli("snapshot", "create", "parent@s")
     cli("snapshot", "protect", "parent@s")
@@ -111,15 +114,18 @@ def test_flatten_killed_mid_copy(cli: Cli, tmp_path: Path) -> None:
     _check_kid(cli, tmp_path, sha(raw))
 
 
-@pytest.mark.parametrize(("at", "args"), [
-    ("volume.create:row", ["volume", "create", "v", "--size", "4M"]),
-    ("volume.create:stored", ["volume", "create", "v", "--size", "4M"]),
-    ("snapshot.create:stored", ["snapshot", "create", "base@s2"]),
-    ("snapshot.delete:removing", ["snapshot", "delete", "base@s1"]),
-    ("snapshot.delete:removed", ["snapshot", "delete", "base@s1"]),
-    ("volume.delete:removing", ["volume", "delete", "doomed"]),
-    ("volume.delete:removed", ["volume", "delete", "doomed"]),
-])
+@pytest.mark.parametrize(
+    ("at", "args"),
+    [
+        ("volume.create:row", ["volume", "create", "v", "--size", "4M"]),
+        ("volume.create:stored", ["volume", "create", "v", "--size", "4M"]),
+        ("snapshot.create:stored", ["snapshot", "create", "base@s2"]),
+        ("snapshot.delete:removing", ["snapshot", "delete", "base@s1"]),
+        ("snapshot.delete:removed", ["snapshot", "delete", "base@s1"]),
+        ("volume.delete:removing", ["volume", "delete", "doomed"]),
+        ("volume.delete:removed", ["volume", "delete", "doomed"]),
+    ],
+)
 def test_other_flows_killed(cli: Cli, at: str, args: list[str]) -> None:
     cli("volume", "create", "base", "--size", "4M")
     cli("snapshot", "create", "base@s1")

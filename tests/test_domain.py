@@ -9,8 +9,23 @@ from snapback.domain.names import parse_snapshot_ref, validate_name
 from snapback.domain.sizes import format_size, parse_size
 
 
-@pytest.mark.parametrize("bad", ["", ".", "..", "a/b", "../x", "a\x00b", "x" * 129, "-lead",
-                                 "sp ace", "at@sign", "new\nline", "é"])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        "",
+        ".",
+        "..",
+        "a/b",
+        "../x",
+        "a\x00b",
+        "x" * 129,
+        "-lead",
+        "sp ace",
+        "at@sign",
+        "new\nline",
+        "é",
+    ],
+)
 def test_bad_names_refused(bad: str) -> None:
     with pytest.raises(InvalidInput):
         validate_name(bad)
@@ -29,9 +44,18 @@ def test_snapshot_ref() -> None:
             parse_snapshot_ref(bad)
 
 
-@pytest.mark.parametrize(("text", "size"), [("10G", 10 << 30), ("512M", 512 << 20),
-                                            ("1.5K", 1536), ("4096", 4096), ("1t", 1 << 40),
-                                            ("100", 512), ("2GiB", 2 << 30)])
+@pytest.mark.parametrize(
+    ("text", "size"),
+    [
+        ("10G", 10 << 30),
+        ("512M", 512 << 20),
+        ("1.5K", 1536),
+        ("4096", 4096),
+        ("1t", 1 << 40),
+        ("100", 512),
+        ("2GiB", 2 << 30),
+    ],
+)
 def test_parse_size(text: str, size: int) -> None:
     assert parse_size(text) == size
 

@@ -29,7 +29,7 @@ def test_hostile_image_refused(kind: str, tmp_path: Path) -> None:
 
 def test_backing_file_message_names_it(tmp_path: Path) -> None:
     path = HOSTILE["backing file pointing at a host file"](tmp_path)
-    with pytest.raises(UnsafeImage, match="backing file.*/etc/passwd"):
+    with pytest.raises(UnsafeImage, match=r"backing file.*/etc/passwd"):
         inspect(str(path))
 
 
@@ -37,7 +37,7 @@ def test_truncated_at_every_cluster_boundary(tmp_path: Path) -> None:
     cuts = truncations(tmp_path)
     assert len(cuts) >= 4
     for path in cuts:
-        with pytest.raises(UnsafeImage, match="beyond the end|truncated"):
+        with pytest.raises(UnsafeImage, match=r"beyond the end|truncated"):
             inspect(str(path), DiskFormat.QCOW2)
 
 
@@ -55,16 +55,19 @@ def test_good_images_pass(tmp_path: Path) -> None:
     found = inspect(str(qcow))
     assert (found.format, found.virtual_size) == (DiskFormat.QCOW2, 16 * MIB)
     compressed = tmp_path / "compressed.qcow2"
-    subprocess.run(["qemu-img", "convert", "-c", "-f", "qcow2", "-O", "qcow2", str(qcow),
-                    str(compressed)], check=True)
+    subprocess.run(
+        ["qemu-img", "convert", "-c", "-f", "qcow2", "-O", "qcow2", str(qcow), str(compressed)],
+        check=True,
+    )
     assert inspect(str(compressed), DiskFormat.QCOW2).format is DiskFormat.QCOW2
     raw = make_raw(tmp_path / "ok.raw", 4 * MIB, {MIB: b"x"})
-    assert inspect(str(raw)) .format is DiskFormat.RAW
+    assert inspect(str(raw)).format is DiskFormat.RAW
     assert inspect(str(raw), DiskFormat.RAW).virtual_size == 4 * MIB
 
 
-def test_cli_refuses_hostile_files_before_qemu_img(cli: Cli, qemu_img_log: Path,
-                                                   tmp_path: Path) -> None:
+def test_cli_refuses_hostile_files_before_qemu_img(
+    cli: Cli, qemu_img_log: Path, tmp_path: Path
+) -> None:
     corpus = tmp_path / "corpus"
     corpus.mkdir()
     files = [HOSTILE[k](corpus) for k in sorted(HOSTILE)] + truncations(corpus)

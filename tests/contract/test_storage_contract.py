@@ -31,8 +31,9 @@ def write(pool: StoragePool, volume: str, offset: int, data: bytes) -> None:
         handle.write(offset, data)
 
 
-def read(pool: StoragePool, volume: str, offset: int, length: int,
-         snapshot: str | None = None) -> bytes:
+def read(
+    pool: StoragePool, volume: str, offset: int, length: int, snapshot: str | None = None
+) -> bytes:
     with pool.open(volume, snapshot=snapshot) as handle:
         return handle.read(offset, length)
 
@@ -140,7 +141,7 @@ def test_protection_and_clone_rules(make_pool: PoolFactory) -> None:
     with pytest.raises(Conflict):
         pool.delete_snapshot("base", "gold")
     c1 = pool.clone("base", "gold", pool, "c1")
-    c2 = pool.clone("base", "gold", other, "c2")
+    pool.clone("base", "gold", other, "c2")
     assert c1.allocated < 2 * MIB and c1.size == SIZE
     assert str(pool.parent("c1")) == "vols/base@gold"
     assert pool.children("base", "gold") == ["others/c2", "vols/c1"]
@@ -201,8 +202,9 @@ def test_export_and_import(pool: StoragePool, tmp_path: Path) -> None:
     for name, path in (("from-raw", raw), ("from-qcow", qcow)):
         pool.import_volume(name, str(path), inspect(str(path)))
         assert digest(pool, name) == digest(pool, "v")
-    fmt = subprocess.run(["qemu-img", "info", "--output=json", str(qcow)], capture_output=True,
-                         text=True, check=True).stdout
+    fmt = subprocess.run(
+        ["qemu-img", "info", "--output=json", str(qcow)], capture_output=True, text=True, check=True
+    ).stdout
     assert '"format": "qcow2"' in fmt
 
 
