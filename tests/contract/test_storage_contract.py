@@ -222,3 +222,11 @@ def test_delete_volume_rules(pool: StoragePool) -> None:
     with pytest.raises(NotFound):
         pool.delete_volume("v")
     assert pool.find_debris() == [] and pool.recover() == []
+
+
+def test_large_reads_and_writes(pool: StoragePool) -> None:
+    """Requests larger than a transport's maximum (NBD: 32 MiB) are split, not dropped."""
+    pool.create_volume("big", 80 * MIB)
+    data = bytes(range(256)) * (40 * MIB // 256)
+    write(pool, "big", 8 * MIB, data)
+    assert read(pool, "big", 8 * MIB, len(data)) == data

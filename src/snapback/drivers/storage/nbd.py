@@ -12,6 +12,8 @@ from typing import Any
 from snapback.domain.errors import StorageError
 from snapback.drivers.storage.base import BlockHandle
 
+MAX_REQUEST = 8 << 20  # qemu-nbd drops the connection on requests over 32 MiB
+
 
 def _nbd() -> Any:
     try:
@@ -42,17 +44,22 @@ class NbdHandle(BlockHandle):
 
     def read(self, offset: int, length: int) -> bytes:
         self._check(offset, length)
+        out = bytearray()
         try:
-            return bytes(self._h.pread(length, offset))
+            for off in range(offset, offset + length, MAX_REQUEST):
+                out += self._h.pread(min(MAX_REQUEST, offset + length - off), off)
         except _nbd().Error as exc:
             raise StorageError(f"read failed at {offset}: {exc}") from exc
+        return bytes(out)
 
     def write(self, offset: int, data: bytes) -> None:
         if self._read_only:
             raise StorageError("this handle is read-only (a snapshot)")
         self._check(offset, len(data))
+        view = memoryview(data)
         try:
-            self._h.pwrite(data, offset)
+            for pos in range(0, len(data), MAX_REQUEST):
+                self._h.pwrite(view[pos : pos + MAX_REQUEST], offset + pos)
         except _nbd().Error as exc:
             raise StorageError(f"write failed at {offset}: {exc}") from exc
 
