@@ -19,14 +19,14 @@ import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 
-from snapback.config import load_settings  # noqa: E402
-from snapback.domain.names import SnapshotRef  # noqa: E402
-from snapback.domain.sizes import format_size, parse_size  # noqa: E402
-from snapback.drivers.storage.local import LocalPool  # noqa: E402
-from snapback.services.catalog_queries import live_volume  # noqa: E402
-from snapback.services.context import Context  # noqa: E402
-from snapback.services.snapshots import SnapshotService  # noqa: E402
-from snapback.services.volumes import VolumeService  # noqa: E402
+from snapback.config import load_settings
+from snapback.domain.names import SnapshotRef
+from snapback.domain.sizes import format_size, parse_size
+from snapback.drivers.storage.local import LocalPool
+from snapback.services.catalog_queries import live_volume
+from snapback.services.context import Context
+from snapback.services.snapshots import SnapshotService
+from snapback.services.volumes import VolumeService
 
 CHUNK = 64 << 20
 
@@ -58,8 +58,10 @@ def main() -> None:
                 h.write(off * 4 % (size - CHUNK), block)  # spread over the disk
         t_fill = time.perf_counter() - t_fill
         alloc = pool.volume_info(vol.storage_name).allocated
-        print(f"volume {format_size(size)}, allocated {format_size(alloc)} "
-              f"(written in {t_fill:.1f} s)")
+        print(
+            f"volume {format_size(size)}, allocated {format_size(alloc)} "
+            f"(written in {t_fill:.1f} s)"
+        )
         snap_t, prot_t, clone_t = [], [], []
         for i in range(args.runs):
             ref = SnapshotRef("disk", f"s{i}")
@@ -71,17 +73,29 @@ def main() -> None:
         copy_t = []
         for i in range(max(1, args.runs // 2)):
             dst = os.path.join(home, f"copy{i}.qcow2")
-            copy_t.append(timed(lambda d=dst: subprocess.run(
-                ["qemu-img", "convert", "-f", "qcow2", "-O", "qcow2", str(head), d], check=True)))
+            copy_t.append(
+                timed(
+                    lambda d=dst: subprocess.run(
+                        ["qemu-img", "convert", "-f", "qcow2", "-O", "qcow2", str(head), d],
+                        check=True,
+                    )
+                )
+            )
             os.unlink(dst)
-        med = {k: statistics.median(v) for k, v in
-               {"snapshot create": snap_t, "snapshot protect": prot_t, "clone": clone_t,
-                "full copy (qemu-img convert)": copy_t}.items()}
+        med = {
+            k: statistics.median(v)
+            for k, v in {
+                "snapshot create": snap_t,
+                "snapshot protect": prot_t,
+                "clone": clone_t,
+                "full copy (qemu-img convert)": copy_t,
+            }.items()
+        }
         for k, v in med.items():
             print(f"{k:30s} median {v * 1000:9.1f} ms")
-        print(f"ratio clone / full copy:           {med['clone'] / med['full copy (qemu-img convert)']:.4f}")
-        print(f"ratio snapshot create / full copy: "
-              f"{med['snapshot create'] / med['full copy (qemu-img convert)']:.4f}")
+        full = med["full copy (qemu-img convert)"]
+        print(f"ratio clone / full copy:           {med['clone'] / full:.4f}")
+        print(f"ratio snapshot create / full copy: {med['snapshot create'] / full:.4f}")
 
 
 if __name__ == "__main__":

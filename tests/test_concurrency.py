@@ -22,13 +22,13 @@ def test_snapshot_delete_races_clone(cli: Cli, tmp_path: Path) -> None:
         cli("snapshot", "protect", f"{vol}@s")
         results: dict[str, list[CliResult]] = {"delete": [], "clone": []}
 
-        def deleter(v: str = vol) -> None:
+        def deleter(v: str = vol, results: dict[str, list[CliResult]] = results) -> None:
             r = cli("snapshot", "unprotect", f"{v}@s", check=False)
             results["delete"].append(r)
             if r.returncode == 0:
                 results["delete"].append(cli("snapshot", "delete", f"{v}@s", check=False))
 
-        def cloner(v: str = vol) -> None:
+        def cloner(v: str = vol, results: dict[str, list[CliResult]] = results) -> None:
             results["clone"].append(cli("volume", "clone", f"{v}@s", f"{v}-kid", check=False))
 
         threads = [threading.Thread(target=deleter), threading.Thread(target=cloner)]
