@@ -29,6 +29,8 @@ def jsonable(value: Any) -> Any:
         return asdict(value)
     if isinstance(value, list | tuple):
         return [jsonable(v) for v in value]
+    if isinstance(value, dict):
+        return {k: jsonable(v) for k, v in value.items()}
     return value
 
 

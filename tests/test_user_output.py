@@ -1,0 +1,59 @@
+"""What a person sees: the tour (the README's main job), progress bars on a
+terminal, and a quiet, idempotent bootstrap."""
+
+from __future__ import annotations
+
+import json
+import os
+import pty
+import subprocess
+from pathlib import Path
+
+from tests.conftest import ROOT, SNAPBACK, Cli, make_raw
+
+MIB = 1 << 20
+
+
+def test_tour_reports_every_step() -> None:
+    out = subprocess.run([SNAPBACK, "tour", "--format", "json"], capture_output=True, text=True,
+                         check=True, timeout=300)
+    steps = json.loads(out.stdout)["steps"]
+    results = {s["action"].split(" (")[0]: s["result"] for s in steps}
+    assert results["clone reads its parent's data"] == "release 1.0 of the web site"
+    assert "reads 'release 1.0 of the web site' again" in results[
+        "snapshot rollback web-root@release-1"]
+    assert results["image create web-1.0 --file web.raw --disk-format raw"].startswith("active")
+    assert results["volume delete web-root"] == "deleted"
+    assert results["gc"] == "0 debris found"
+
+
+def test_progress_bar_on_a_terminal(cli: Cli, tmp_path: Path) -> None:
+    raw = make_raw(tmp_path / "p.raw", 64 * MIB, {i * MIB: b"p" * MIB for i in range(0, 64, 4)})
+    master, slave = pty.openpty()
+    env = {**os.environ, "SNAPBACK_HOME": str(cli.home)}
+    proc = subprocess.run([SNAPBACK, "volume", "import", "p", "--file", str(raw)], env=env,
+                          stdout=subprocess.PIPE, stderr=slave, check=True, timeout=60)
+    os.close(slave)
+    drawn = b""
+    while True:
+        try:
+            chunk = os.read(master, 65536)
+        except OSError:
+            break
+        if not chunk:
+            break
+        drawn += chunk
+    os.close(master)
+    text = drawn.decode(errors="replace")
+    assert "import [" in text and "100.0%" in text and "ETA" in text, text
+    assert b"import [" not in proc.stdout  # the bar never pollutes stdout
+    piped = cli("volume", "export", "p", "--file", str(tmp_path / "o.raw"))
+    assert "[" not in piped.stderr  # no bar when stderr is not a terminal
+
+
+def test_bootstrap_is_quiet_when_done() -> None:
+    out = subprocess.run([str(ROOT / "scripts" / "bootstrap.sh")], capture_output=True,
+                         text=True, check=True, timeout=300)
+    out = subprocess.run([str(ROOT / "scripts" / "bootstrap.sh")], capture_output=True,
+                         text=True, check=True, timeout=60)
+    assert out.stdout == "" and out.stderr == ""
