@@ -15,13 +15,20 @@ MIB = 1 << 20
 
 
 def test_tour_reports_every_step() -> None:
-    out = subprocess.run([SNAPBACK, "tour", "--format", "json"], capture_output=True, text=True,
-                         check=True, timeout=300)
+    out = subprocess.run(
+        [SNAPBACK, "tour", "--format", "json"],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=300,
+    )
     steps = json.loads(out.stdout)["steps"]
     results = {s["action"].split(" (")[0]: s["result"] for s in steps}
     assert results["clone reads its parent's data"] == "release 1.0 of the web site"
-    assert "reads 'release 1.0 of the web site' again" in results[
-        "snapshot rollback web-root@release-1"]
+    assert (
+        "reads 'release 1.0 of the web site' again"
+        in results["snapshot rollback web-root@release-1"]
+    )
     assert results["image create web-1.0 --file web.raw --disk-format raw"].startswith("active")
     assert results["volume delete web-root"] == "deleted"
     assert results["gc"] == "0 debris found"
@@ -31,8 +38,14 @@ def test_progress_bar_on_a_terminal(cli: Cli, tmp_path: Path) -> None:
     raw = make_raw(tmp_path / "p.raw", 64 * MIB, {i * MIB: b"p" * MIB for i in range(0, 64, 4)})
     master, slave = pty.openpty()
     env = {**os.environ, "SNAPBACK_HOME": str(cli.home)}
-    proc = subprocess.run([SNAPBACK, "volume", "import", "p", "--file", str(raw)], env=env,
-                          stdout=subprocess.PIPE, stderr=slave, check=True, timeout=60)
+    proc = subprocess.run(
+        [SNAPBACK, "volume", "import", "p", "--file", str(raw)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=slave,
+        check=True,
+        timeout=60,
+    )
     os.close(slave)
     drawn = b""
     while True:
@@ -52,8 +65,18 @@ def test_progress_bar_on_a_terminal(cli: Cli, tmp_path: Path) -> None:
 
 
 def test_bootstrap_is_quiet_when_done() -> None:
-    out = subprocess.run([str(ROOT / "scripts" / "bootstrap.sh")], capture_output=True,
-                         text=True, check=True, timeout=300)
-    out = subprocess.run([str(ROOT / "scripts" / "bootstrap.sh")], capture_output=True,
-                         text=True, check=True, timeout=60)
+    out = subprocess.run(
+        [str(ROOT / "scripts" / "bootstrap.sh")],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=300,
+    )
+    out = subprocess.run(
+        [str(ROOT / "scripts" / "bootstrap.sh")],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    )
     assert out.stdout == "" and out.stderr == ""
