@@ -33,7 +33,7 @@ from snapback.services import journal
 from snapback.services.catalog_queries import clones_of, volume_label
 from snapback.services.context import Context
 from snapback.services.views import ImageView
-from snapback.services.volumes import VolumeService, volume_lock
+from snapback.services.volumes import VolumeService, purge, volume_lock
 
 UPLOAD = "image.upload"
 BASE_SNAPSHOT = "base"  # the protected snapshot instances are cloned from (as glance on RBD)
@@ -275,22 +275,7 @@ def _recover_upload(ctx: Context, op: journal.OperationRecord) -> OperationStatu
         return OperationStatus.RECOVERED
     vol_id = op.data("volume").get("volume_id")
     if vol_id:
-        with ctx.sessions() as s:
-            vol = s.get(Volume, vol_id)
-            pool, storage = (vol.pool, vol.storage_name) if vol else ("", "")
-        if vol is not None:
-            driver = ctx.pool(pool)
-            if storage in driver.list_volumes():
-                for snap in driver.list_snapshots(storage):
-                    if snap.protected:
-                        driver.unprotect_snapshot(storage, snap.name)
-                driver.delete_volume(storage)
-            with ctx.transaction() as s:
-                row = s.get(Volume, vol_id)
-                if row is not None:
-                    row.status = VolumeStatus.DELETED
-                    for snap_row in row.snapshots:
-                        snap_row.status = SnapshotStatus.DELETED
+        purge(ctx, vol_id)
     with ctx.transaction() as s:
         img = s.get(Image, op.payload["image_id"])
         if img is not None:

@@ -319,31 +319,34 @@ class VolumeService:
         with self.ctx.sessions() as s:
             vol = s.get(Volume, vol_id)
             assert vol is not None
-            pool, target = vol.pool, f"{vol.pool}/{vol.name}"
-            protected = [
-                x.storage_name
-                for x in vol.snapshots
-                if x.protected and x.status != SnapshotStatus.DELETED
-            ]
+            target = f"{vol.pool}/{vol.name}"
         with journal.operation(self.ctx, DELETE, target, volume_id=vol_id) as op:
             op.step("removing")
-            driver = self.ctx.pool(pool)
-            for snap in protected:
-                driver.unprotect_snapshot(vol.storage_name, snap)
-            with contextlib.suppress(NotFound):  # already gone: an earlier attempt got this far
-                driver.delete_volume(vol.storage_name)
+            purge(self.ctx, vol_id)
             op.step("removed")
-            _forget(self.ctx, vol_id)
 
 
-def _forget(ctx: Context, vol_id: str) -> None:
-    with ctx.transaction() as s:
+def purge(ctx: Context, vol_id: str) -> None:
+    """Remove a volume's storage (unprotecting its snapshots) if it is there, then mark the
+    volume and its snapshots deleted. Safe to repeat: every recovery path ends here."""
+    with ctx.sessions() as s:
         vol = s.get(Volume, vol_id)
         if vol is None:
             return
-        vol.status = VolumeStatus.DELETED
-        for snap in vol.snapshots:
-            snap.status = SnapshotStatus.DELETED
+        pool, storage = vol.pool, vol.storage_name
+    driver = ctx.pool(pool)
+    if storage in driver.list_volumes():
+        for snap in driver.list_snapshots(storage):
+            if snap.protected:
+                driver.unprotect_snapshot(storage, snap.name)
+        with contextlib.suppress(NotFound):  # gone meanwhile
+            driver.delete_volume(storage)
+    with ctx.transaction() as s:
+        row = s.get(Volume, vol_id)
+        assert row is not None
+        row.status = VolumeStatus.DELETED
+        for snap_row in row.snapshots:
+            snap_row.status = SnapshotStatus.DELETED
 
 
 @journal.recovery(CREATE)
@@ -351,34 +354,16 @@ def _recover_create(ctx: Context, op: journal.OperationRecord) -> OperationStatu
     """Undo a volume creation that did not reach ``available``."""
     with ctx.sessions() as s:
         vol = s.get(Volume, op.payload["volume_id"])
-        if vol is None:
-            return OperationStatus.ROLLED_BACK
-        if vol.status == VolumeStatus.AVAILABLE:
+        if vol is not None and vol.status == VolumeStatus.AVAILABLE:
             return OperationStatus.RECOVERED
-        pool, storage = vol.pool, vol.storage_name
-    driver = ctx.pool(pool)
-    if storage in driver.list_volumes():
-        driver.delete_volume(storage)
-    _forget(ctx, op.payload["volume_id"])
+    purge(ctx, op.payload["volume_id"])
     return OperationStatus.ROLLED_BACK
 
 
 @journal.recovery(DELETE)
 def _recover_delete(ctx: Context, op: journal.OperationRecord) -> OperationStatus:
     """A delete that was started is finished: the user asked for it."""
-    with ctx.sessions() as s:
-        vol = s.get(Volume, op.payload["volume_id"])
-        if vol is None:
-            return OperationStatus.RECOVERED
-        pool, storage = vol.pool, vol.storage_name
-        protected = [x.storage_name for x in vol.snapshots if x.protected]
-    driver = ctx.pool(pool)
-    if storage in driver.list_volumes():
-        for snap in protected:
-            if snap in {x.name for x in driver.list_snapshots(storage)}:
-                driver.unprotect_snapshot(storage, snap)
-        driver.delete_volume(storage)
-    _forget(ctx, op.payload["volume_id"])
+    purge(ctx, op.payload["volume_id"])
     return OperationStatus.RECOVERED
 
 
