@@ -1,0 +1,1 @@
+"""Hypervisor drivers: libvirt domains for instances."""
