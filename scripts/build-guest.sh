@@ -23,7 +23,8 @@
 #   snapback.hb_ms=MS          heartbeat interval                    (default 100)
 #
 # Console (ttyS0, lines end in \r\n):
-#   SNAPBACK-GUEST kernel=<release> disks=<vda,...> records=<K> workload=<on|off>
+#   SNAPBACK-GUEST kernel=<release> disks=<vda,...> ports=<virtio-serial names> records=<K>
+#     workload=<on|off>
 #   SNAPBACK-GUEST-READY             modules loaded, disks present
 #   START <disk> <first-seq> <K>     a writer starts on <disk>
 #   REC <disk> <N>                   record N is on <disk> and fsynced (dd conv=fsync)
@@ -202,7 +203,10 @@ disks=$(echo $disks)
 
 read -r boot </proc/sys/kernel/random/boot_id
 boot=$(echo "$boot" | tr -d - | cut -c1-8)
-echo "SNAPBACK-GUEST kernel=$(uname -r) disks=$(echo $disks | tr ' ' ,) records=$records workload=$workload"
+ports=
+for p in /sys/class/virtio-ports/*/name; do [ -f "$p" ] && ports="$ports,$(cat "$p")"; done
+echo  # the firmware's last line may lack its line end
+echo "SNAPBACK-GUEST kernel=$(uname -r) disks=$(echo $disks | tr ' ' ,) ports=${ports#,} records=$records workload=$workload"
 echo "SNAPBACK-GUEST-READY"
 
 heartbeat() {
@@ -222,7 +226,7 @@ writer() {
   [ "$k" -gt "$records" ] && k=$records
   [ "$k" -ge 1 ] || { echo "SNAPBACK-GUEST-WARN /dev/$d too small"; return; }
   last=$(dd if="/dev/$d" bs=4096 count="$k" 2>/dev/null | strings -n 9 |
-    sed -n 's/^SNAPREC1 disk=[^ ]* seq=\([0-9][0-9]*\) .*/\1/p' | sort -n | tail -n 1)
+    sed -n 's/.*SNAPREC1 disk=[^ ]* seq=\([0-9][0-9]*\) .*/\1/p' | sort -n | tail -n 1)
   seq=$((${last:--1} + 1))
   echo "START $d $seq $k"
   body=/tmp/rec.$d.body rec=/tmp/rec.$d
