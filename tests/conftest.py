@@ -117,3 +117,12 @@ def assert_consistent(ctx: Context) -> None:
     assert report.problems == [], report
     staging = list(ctx.settings.staging.iterdir())
     assert staging == [], f"staging not empty: {staging}"
+
+
+@pytest.fixture(scope="session")
+def guest() -> Path:
+    """libvirtd up and the test guest built (both by the project's own scripts)."""
+    subprocess.run([str(ROOT / "scripts" / "libvirt.sh")], check=True, timeout=120)
+    out = Path(os.environ.get("SNAPBACK_GUEST_DIR", "/var/lib/snapback/guest"))
+    subprocess.run([str(ROOT / "scripts" / "build-guest.sh"), str(out)], check=True, timeout=600)
+    return out

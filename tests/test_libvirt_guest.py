@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import os
 import shutil
-import subprocess
 import tempfile
 import time
 import uuid
@@ -17,20 +15,10 @@ from snapback.domain.errors import Conflict, NotFound
 from snapback.drivers.hypervisor.domain_xml import DiskSpec, DomainSpec
 from snapback.drivers.hypervisor.libvirt_driver import DomainState, LibvirtHypervisor
 from snapback.drivers.storage.local import LocalPool
-from tests.conftest import ROOT
 from tests.guestrecords import READY_LINE, consistent, parse_console, scan
 
 MIB = 1 << 20
 SLOTS = 64
-
-
-@pytest.fixture(scope="session")
-def guest() -> Path:
-    """libvirtd up and the test guest built (both by the project's own scripts)."""
-    subprocess.run([str(ROOT / "scripts" / "libvirt.sh")], check=True, timeout=120)
-    out = Path(os.environ.get("SNAPBACK_GUEST_DIR", "/var/lib/snapback/guest"))
-    subprocess.run([str(ROOT / "scripts" / "build-guest.sh"), str(out)], check=True, timeout=600)
-    return out
 
 
 @pytest.fixture

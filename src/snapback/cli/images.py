@@ -9,7 +9,7 @@ import click
 from snapback.cli.main import context
 from snapback.cli.output import FORMAT_OPTION, emit, fields, human_size, table
 from snapback.cli.volumes import FORMATS, progress_bar
-from snapback.domain.models import DiskFormat
+from snapback.domain.models import IMAGE_FORMATS, DiskFormat
 from snapback.services.images import ImageService, parse_properties
 from snapback.services.views import ImageView
 
@@ -46,18 +46,18 @@ def image() -> None:
 @click.option("--file", "path", required=True, type=click.Path(dir_okay=False))
 @click.option(
     "--disk-format",
-    type=FORMATS,
+    type=click.Choice(IMAGE_FORMATS),
     default=None,
-    help="Format of the file (checked against its content); detected when omitted.",
+    help="raw or qcow2 (checked against the content; detected when omitted), "
+    "or aki/ari for a kernel/ramdisk that instances boot directly.",
 )
 @click.option("--property", "props", multiple=True, metavar="KEY=VALUE")
 @FORMAT_OPTION
 def create(name: str, path: str, disk_format: str | None, props: tuple[str, ...], fmt: str) -> None:
     """Upload a file as a new image: queued -> saving -> active (killed on failure)."""
-    declared = DiskFormat(disk_format) if disk_format else None
     properties = parse_properties(list(props))
     with progress_bar("upload", fmt) as bar:
-        img = service().create(name, path, declared, properties, bar)
+        img = service().create(name, path, disk_format, properties, bar)
     emit(fmt, img, image_text)
 
 

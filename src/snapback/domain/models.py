@@ -11,6 +11,16 @@ class DiskFormat(enum.StrEnum):
     QCOW2 = "qcow2"
 
 
+class BootFileFormat(enum.StrEnum):
+    """Files an instance boots from directly (glance's kernel and ramdisk images)."""
+
+    AKI = "aki"  # a kernel
+    ARI = "ari"  # an initial ramdisk
+
+
+IMAGE_FORMATS = [f.value for f in DiskFormat] + [f.value for f in BootFileFormat]
+
+
 class ImageStatus(enum.StrEnum):
     """glance's image lifecycle: queued -> saving -> active; killed when an upload fails."""
 

@@ -123,8 +123,25 @@ class GcService:
                     names.update(str(v) for v in json.loads(step.data).values())
         return names
 
+    def _orphan_boot_files(self, report: GcReport, dry_run: bool, busy: set[str]) -> None:
+        store = self.ctx.settings.home / "boot-files"
+        if not store.is_dir():
+            return
+        with self.ctx.sessions() as s:
+            live = set(s.scalars(select(Image.id).where(Image.status != ImageStatus.DELETED)))
+        for blob in sorted(store.iterdir()):
+            if blob.name not in live and str(blob) not in busy:
+                self._orphan(
+                    report,
+                    dry_run,
+                    str(blob),
+                    "boot file no image explains",
+                    partial(blob.unlink, missing_ok=True),
+                )
+
     def _orphans(self, report: GcReport, dry_run: bool) -> None:
         busy = self._in_flight()
+        self._orphan_boot_files(report, dry_run, busy)
         with self.ctx.sessions() as s:
             known = {
                 (v.pool, v.storage_name): v

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import shutil
 import uuid
 from pathlib import Path
 
@@ -19,6 +20,8 @@ from sqlalchemy import or_, select
 from snapback.catalog.models import Image, ImageProperty, Snapshot, Volume
 from snapback.domain.errors import Conflict, InvalidInput, NotFound
 from snapback.domain.models import (
+    IMAGE_FORMATS,
+    BootFileFormat,
     DiskFormat,
     ImageStatus,
     OperationStatus,
@@ -27,6 +30,7 @@ from snapback.domain.models import (
     VolumeStatus,
 )
 from snapback.domain.names import validate_name
+from snapback.drivers.imagefmt.bootfiles import inspect_kernel, inspect_ramdisk
 from snapback.drivers.imagefmt.inspector import inspect
 from snapback.drivers.storage.base import ProgressFn
 from snapback.services import journal
@@ -114,19 +118,20 @@ class ImageService:
         self,
         name: str,
         path: str,
-        disk_format: DiskFormat | None = None,
+        disk_format: str | None = None,
         properties: dict[str, str] | None = None,
         progress: ProgressFn | None = None,
     ) -> ImageView:
+        """Upload ``path``: a disk (raw, qcow2; detected when None) or a boot file (aki, ari)."""
         validate_name(name, "image name")
+        if disk_format is not None and disk_format not in IMAGE_FORMATS:
+            raise InvalidInput(
+                f"unknown disk format {disk_format!r} (use {', '.join(IMAGE_FORMATS)})"
+            )
         if not os.path.isfile(path):
             raise NotFound(f"{path} is not a file")
         with self.ctx.transaction() as s:
-            img = Image(
-                name=name,
-                status=ImageStatus.QUEUED,
-                disk_format=(disk_format.value if disk_format else "auto"),
-            )
+            img = Image(name=name, status=ImageStatus.QUEUED, disk_format=disk_format or "auto")
             img.properties = [ImageProperty(key=k, value=v) for k, v in (properties or {}).items()]
             s.add(img)
             s.flush()
@@ -137,38 +142,70 @@ class ImageService:
             staged = self.ctx.settings.staging / f"{op.id}.upload"
             size, digest = _stream(path, staged, progress)
             op.step("staged", path=str(staged), size=size, sha256=digest)
-            found = inspect(str(staged), disk_format)
-            vol = self.volumes._new_row(
-                f"image-{image_id}", self.ctx.settings.image_pool, found.virtual_size, kind="image"
-            )
-            op.step("volume", volume_id=vol.id)
-            driver = self.ctx.pool(vol.pool)
-            driver.import_volume(vol.storage_name, str(staged), found, progress)
-            op.step("imported")
-            snap_storage = "s-" + uuid.uuid4().hex[:20]
-            driver.create_snapshot(vol.storage_name, snap_storage)
-            driver.protect_snapshot(vol.storage_name, snap_storage)
-            op.step("snapshotted", snapshot=snap_storage)
-            with self.ctx.transaction() as s:
-                s.add(
-                    Snapshot(
-                        volume_id=vol.id,
-                        name=BASE_SNAPSHOT,
-                        storage_name=snap_storage,
-                        protected=True,
-                        status=SnapshotStatus.AVAILABLE,
-                    )
+            if disk_format in (BootFileFormat.AKI, BootFileFormat.ARI):
+                virtual_size, vol_id = self._store_boot_file(op, image_id, staged, disk_format)
+            else:
+                declared = DiskFormat(disk_format) if disk_format else None
+                virtual_size, vol_id, disk_format = self._store_disk(
+                    op, image_id, staged, declared, progress
                 )
-                row = s.get(Volume, vol.id)
+            with self.ctx.transaction() as s:
                 image = s.get(Image, image_id)
-                assert row is not None and image is not None
-                row.status, row.read_only = VolumeStatus.AVAILABLE, True
-                image.status, image.volume_id = ImageStatus.ACTIVE, vol.id
+                assert image is not None
+                image.status, image.volume_id = ImageStatus.ACTIVE, vol_id
                 image.size, image.checksum = size, digest
-                image.virtual_size, image.disk_format = found.virtual_size, found.format.value
+                image.virtual_size, image.disk_format = virtual_size, disk_format
             op.step("activated")
             staged.unlink(missing_ok=True)
         return self._view(image_id)
+
+    def _store_disk(
+        self,
+        op: journal.OpHandle,
+        image_id: str,
+        staged: Path,
+        declared: DiskFormat | None,
+        progress: ProgressFn | None,
+    ) -> tuple[int, str, str]:
+        """Inspect, import into a read-only volume with a protected ``base`` snapshot."""
+        found = inspect(str(staged), declared)
+        vol = self.volumes._new_row(
+            f"image-{image_id}", self.ctx.settings.image_pool, found.virtual_size, kind="image"
+        )
+        op.step("volume", volume_id=vol.id)
+        driver = self.ctx.pool(vol.pool)
+        driver.import_volume(vol.storage_name, str(staged), found, progress)
+        op.step("imported")
+        snap_storage = "s-" + uuid.uuid4().hex[:20]
+        driver.create_snapshot(vol.storage_name, snap_storage)
+        driver.protect_snapshot(vol.storage_name, snap_storage)
+        op.step("snapshotted", snapshot=snap_storage)
+        with self.ctx.transaction() as s:
+            s.add(
+                Snapshot(
+                    volume_id=vol.id,
+                    name=BASE_SNAPSHOT,
+                    storage_name=snap_storage,
+                    protected=True,
+                    status=SnapshotStatus.AVAILABLE,
+                )
+            )
+            row = s.get(Volume, vol.id)
+            assert row is not None
+            row.status, row.read_only = VolumeStatus.AVAILABLE, True
+        return found.virtual_size, vol.id, found.format.value
+
+    def _store_boot_file(
+        self, op: journal.OpHandle, image_id: str, staged: Path, fmt: str
+    ) -> tuple[int, None]:
+        """Check a kernel or ramdisk and move it into the boot-file store (read-only)."""
+        check = inspect_kernel if fmt == BootFileFormat.AKI else inspect_ramdisk
+        size = check(str(staged))
+        blob = boot_file_path(self.ctx, image_id)
+        op.step("blob", path=str(blob))
+        os.chmod(staged, 0o444)
+        os.replace(staged, blob)
+        return size, None
 
     def _set_status(self, image_id: str, status: ImageStatus) -> None:
         with self.ctx.transaction() as s:
@@ -207,8 +244,11 @@ class ImageService:
         self, ref: str, dest: str, fmt: DiskFormat | None = None, progress: ProgressFn | None = None
     ) -> ImageView:
         img = self._find(ref)
-        if img.status != ImageStatus.ACTIVE or img.volume_id is None:
+        if img.status != ImageStatus.ACTIVE:
             raise Conflict(f"image {img.name} is {img.status}, not active; nothing to download")
+        if img.volume_id is None:  # a boot file
+            _copy_new(boot_file_path(self.ctx, img.id), Path(dest))
+            return self._view(img.id)
         with self.ctx.sessions() as s:
             vol = s.get(Volume, img.volume_id)
             assert vol is not None
@@ -225,6 +265,7 @@ class ImageService:
         if img.protected:
             raise Conflict(f"image {img.name} is protected; 'image set --unprotected' first")
         if img.volume_id is None:
+            boot_file_path(self.ctx, img.id).unlink(missing_ok=True)
             self._set_status(img.id, ImageStatus.DELETED)
             return "deleted"
         with self.ctx.lock(volume_lock(img.volume_id)):
@@ -244,6 +285,21 @@ class ImageService:
             vol = s.get(Volume, img.volume_id) if img.volume_id else None
             snaps = vol.snapshots if vol else []
             return [volume_label(c) for sn in snaps for c in clones_of(s, sn.id)]
+
+
+def boot_file_path(ctx: Context, image_id: str) -> Path:
+    """Where a kernel or ramdisk image lives (readable by the qemu user, like volumes)."""
+    store = ctx.settings.home / "boot-files"
+    store.mkdir(mode=0o755, exist_ok=True)
+    return store / image_id
+
+
+def _copy_new(src: Path, dest: Path) -> None:
+    if os.path.lexists(dest):
+        raise Conflict(f"{dest} already exists; refusing to overwrite it")
+    part = dest.with_name(dest.name + ".part")
+    shutil.copyfile(src, part)
+    os.replace(part, dest)
 
 
 def _stream(src: str, dest: Path, progress: ProgressFn | None) -> tuple[int, str]:
@@ -273,6 +329,9 @@ def _recover_upload(ctx: Context, op: journal.OperationRecord) -> OperationStatu
         Path(staged).unlink(missing_ok=True)
     if op.reached("activated"):
         return OperationStatus.RECOVERED
+    blob = op.data("blob").get("path")
+    if blob:
+        Path(blob).unlink(missing_ok=True)
     vol_id = op.data("volume").get("volume_id")
     if vol_id:
         purge(ctx, vol_id)
