@@ -28,6 +28,8 @@ def test_fresh_catalogue_is_migrated_and_in_wal_mode(tmp_path: Path) -> None:
         "image_properties",
         "operations",
         "operation_steps",
+        "instances",
+        "instance_disks",
     } <= tables
     with engine.connect() as conn:
         assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"

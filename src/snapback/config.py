@@ -9,6 +9,9 @@ Defaults are embedded so snapback runs with no configuration at all:
     [catalog]
     url = "postgresql+psycopg://snapback@localhost/snapback"
 
+    [libvirt]
+    uri = "qemu+ssh://host/system"
+
     [pools.fast]
     driver = "local"
     path = "/srv/fast"
@@ -41,6 +44,7 @@ class Settings:
     home: Path
     catalog_url: str
     pools: dict[str, PoolConfig] = field(default_factory=dict)
+    libvirt_uri: str = "qemu:///system"
     default_pool: str = DEFAULT_POOL
     image_pool: str = IMAGE_POOL
 
@@ -79,4 +83,10 @@ def load_settings(home: str | os.PathLike[str] | None = None) -> Settings:
             pools[name] = PoolConfig(
                 name, str(spec.get("driver", "local")), Path(str(spec.get("path", local_root)))
             )
-    return Settings(home=base, catalog_url=str(url), pools=pools)
+    lv = data.get("libvirt", {})
+    uri = os.environ.get("SNAPBACK_LIBVIRT_URI") or (
+        lv.get("uri") if isinstance(lv, dict) else None
+    )
+    return Settings(
+        home=base, catalog_url=str(url), pools=pools, libvirt_uri=str(uri or "qemu:///system")
+    )

@@ -141,3 +141,47 @@ class OperationStep(Base):
     at: Mapped[float] = mapped_column(Float, default=time.time)
 
     operation: Mapped[Operation] = relationship(back_populates="steps")
+
+
+LIVE_INSTANCE = text("status != 'deleted'")
+
+
+class Instance(Base):
+    """A virtual machine: a libvirt domain whose disks are volumes."""
+
+    __tablename__ = "instances"
+    id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
+    name: Mapped[str] = mapped_column(String(128))
+    status: Mapped[str] = mapped_column(String(32))
+    domain_name: Mapped[str] = mapped_column(String(128), unique=True)
+    image_id: Mapped[str | None] = mapped_column(ForeignKey("images.id"), nullable=True)
+    memory_mib: Mapped[int] = mapped_column(Integer)
+    vcpus: Mapped[int] = mapped_column(Integer)
+    created_at: Mapped[float] = mapped_column(Float, default=time.time)
+    updated_at: Mapped[float] = mapped_column(Float, default=time.time, onupdate=time.time)
+
+    disks: Mapped[list[InstanceDisk]] = relationship(
+        back_populates="instance", cascade="all, delete-orphan", order_by="InstanceDisk.target"
+    )
+
+    __table_args__ = (
+        Index(
+            "uq_instances_live_name",
+            "name",
+            unique=True,
+            sqlite_where=LIVE_INSTANCE,
+            postgresql_where=LIVE_INSTANCE,
+        ),
+    )
+
+
+class InstanceDisk(Base):
+    """A volume attached to an instance as ``target`` (vda is the root disk)."""
+
+    __tablename__ = "instance_disks"
+    instance_id: Mapped[str] = mapped_column(ForeignKey("instances.id"), primary_key=True)
+    target: Mapped[str] = mapped_column(String(16), primary_key=True)
+    volume_id: Mapped[str] = mapped_column(ForeignKey("volumes.id"))
+    root: Mapped[bool] = mapped_column(Boolean, default=False)
+
+    instance: Mapped[Instance] = relationship(back_populates="disks")

@@ -5,8 +5,8 @@ from __future__ import annotations
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from snapback.catalog.models import Snapshot, Volume
-from snapback.domain.errors import NotFound
+from snapback.catalog.models import Instance, InstanceDisk, Snapshot, Volume
+from snapback.domain.errors import Conflict, NotFound
 from snapback.domain.models import SnapshotStatus, VolumeStatus
 from snapback.domain.names import validate_name
 
@@ -53,3 +53,22 @@ def clones_of(s: Session, snapshot_id: str) -> list[Volume]:
 def volume_label(vol: Volume) -> str:
     suffix = "" if vol.status in LIVE_VOLUME else f" ({vol.status})"
     return f"{vol.pool}/{vol.name}{suffix}"
+
+
+def instance_using(s: Session, vol_id: str) -> Instance | None:
+    """The live instance a volume is attached to, if any."""
+    return s.scalars(
+        select(Instance)
+        .join(InstanceDisk)
+        .where(InstanceDisk.volume_id == vol_id, Instance.status != "deleted")
+    ).first()
+
+
+def ensure_not_running(s: Session, vol: Volume) -> None:
+    """Storage changes under a running VM go through libvirt (restore points), not here."""
+    inst = instance_using(s, vol.id)
+    if inst is not None and inst.status == "active":
+        raise Conflict(
+            f"volume {vol.pool}/{vol.name} is in use by running instance {inst.name}; "
+            "stop the instance first"
+        )

@@ -12,6 +12,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from snapback.catalog.db import open_engine, session_factory
 from snapback.config import Settings
 from snapback.domain.errors import InvalidInput, NotFound
+from snapback.drivers.hypervisor.libvirt_driver import LibvirtHypervisor
 from snapback.drivers.storage.base import StoragePool
 from snapback.drivers.storage.local import LocalPool
 from snapback.drivers.storage.local.meta import flock
@@ -38,6 +39,10 @@ class Context:
         """One unit of work: committed on success, rolled back on any error."""
         with self.sessions() as session, session.begin():
             yield session
+
+    @cached_property
+    def hypervisor(self) -> LibvirtHypervisor:
+        return LibvirtHypervisor(self.settings.libvirt_uri)
 
     def pool(self, name: str | None = None) -> StoragePool:
         name = name or self.settings.default_pool

@@ -12,7 +12,13 @@ from snapback.domain.errors import Conflict, HasDependents, InvalidInput, NotFou
 from snapback.domain.models import OperationStatus, SnapshotStatus
 from snapback.domain.names import SnapshotRef
 from snapback.services import journal
-from snapback.services.catalog_queries import clones_of, live_snapshot, live_volume, volume_label
+from snapback.services.catalog_queries import (
+    clones_of,
+    ensure_not_running,
+    live_snapshot,
+    live_volume,
+    volume_label,
+)
 from snapback.services.context import Context
 from snapback.services.views import SnapshotView
 from snapback.services.volumes import volume_lock
@@ -79,6 +85,7 @@ class SnapshotService:
     def create(self, ref: SnapshotRef, pool: str | None = None) -> SnapshotView:
         with self.ctx.sessions() as s:
             vol = live_volume(s, self._pool(pool), ref.volume)
+            ensure_not_running(s, vol)
         if vol.read_only:
             raise InvalidInput(f"volume {vol.pool}/{vol.name} is read-only (an image's volume)")
         storage = "s-" + uuid.uuid4().hex[:20]
@@ -105,6 +112,8 @@ class SnapshotService:
 
     def rollback(self, ref: SnapshotRef, pool: str | None = None) -> SnapshotView:
         vol, snap = self._resolve(ref, pool)
+        with self.ctx.sessions() as s:
+            ensure_not_running(s, vol)
         if vol.read_only:
             raise InvalidInput(f"volume {vol.pool}/{vol.name} is read-only (an image's volume)")
         with self.ctx.lock(volume_lock(vol.id)):
@@ -143,6 +152,7 @@ class SnapshotService:
         with self.ctx.lock(volume_lock(vol.id)):
             with self.ctx.sessions() as s:
                 snap = live_snapshot(s, vol, ref.snapshot)  # again, under the lock
+                ensure_not_running(s, vol)
                 clones = [volume_label(c) for c in clones_of(s, snap.id)]
             if clones and defer:
                 with self.ctx.transaction() as s:

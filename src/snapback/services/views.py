@@ -51,6 +51,22 @@ class ImageView:
 
 
 @dataclass(frozen=True)
+class InstanceView:
+    id: str
+    name: str
+    status: str  # what the catalogue says
+    domain: str
+    domain_state: str  # what libvirt says
+    in_sync: bool  # False when the two disagree
+    image: str | None
+    memory_mib: int
+    vcpus: int
+    disks: dict[str, str]
+    console: str
+    created_at: float
+
+
+@dataclass(frozen=True)
 class GcReport:
     dry_run: bool
     recovered: list[str] = field(default_factory=list)

@@ -23,6 +23,8 @@ from snapback.services import journal
 from snapback.services.catalog_queries import (
     LIVE_VOLUME,
     clones_of,
+    ensure_not_running,
+    instance_using,
     live_snapshot,
     live_volume,
     volume_label,
@@ -191,6 +193,7 @@ class VolumeService:
         pool = self._pool_name(pool)
         with self.ctx.sessions() as s:
             vol = live_volume(s, pool, name)
+            ensure_not_running(s, vol)
         if vol.read_only:
             raise InvalidInput(f"volume {pool}/{name} is read-only (an image's volume)")
         with self.ctx.lock(volume_lock(vol.id)):
@@ -209,6 +212,7 @@ class VolumeService:
         pool = self._pool_name(pool)
         with self.ctx.sessions() as s:
             vol = live_volume(s, pool, name)
+            ensure_not_running(s, vol)
             if vol.parent_snapshot_id is None:
                 raise InvalidInput(f"volume {pool}/{name} has no parent; nothing to flatten")
         with (
@@ -269,6 +273,12 @@ class VolumeService:
         pool = self._pool_name(pool)
         with self.ctx.sessions() as s:
             vol = live_volume(s, pool, name)
+            user = instance_using(s, vol.id)
+            if user is not None:
+                raise Conflict(
+                    f"volume {pool}/{name} is attached to instance {user.name}; "
+                    "detach it or delete the instance first"
+                )
             if vol.kind not in kinds:
                 raise InvalidInput(f"{pool}/{name} belongs to an image; delete the image instead")
         with self.ctx.lock(volume_lock(vol.id)):

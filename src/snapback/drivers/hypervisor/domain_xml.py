@@ -34,6 +34,20 @@ def _sub(parent: ET.Element, tag: str, text: str | None = None, **attrs: str) ->
     return el
 
 
+def _disk(disk: DiskSpec) -> ET.Element:
+    d = ET.Element("disk", type="file", device="disk")
+    _sub(d, "driver", name="qemu", type=disk.format, cache="none", discard="unmap")
+    _sub(d, "source", file=disk.path)
+    _sub(d, "target", dev=disk.target, bus="virtio")
+    if disk.read_only:
+        _sub(d, "readonly")
+    return d
+
+
+def disk_xml(disk: DiskSpec) -> str:
+    return ET.tostring(_disk(disk), encoding="unicode")
+
+
 def build(spec: DomainSpec) -> str:
     """Domain XML for a TCG guest (KVM does not work on these machines)."""
     dom = ET.Element("domain", type="qemu")
@@ -57,12 +71,7 @@ def build(spec: DomainSpec) -> str:
     _sub(dom, "on_crash", "destroy")
     devices = _sub(dom, "devices")
     for disk in spec.disks:
-        d = _sub(devices, "disk", type="file", device="disk")
-        _sub(d, "driver", name="qemu", type=disk.format, cache="none", discard="unmap")
-        _sub(d, "source", file=disk.path)
-        _sub(d, "target", dev=disk.target, bus="virtio")
-        if disk.read_only:
-            _sub(d, "readonly")
+        devices.append(_disk(disk))
     if spec.serial_log:
         serial = _sub(devices, "serial", type="file")
         _sub(serial, "source", path=spec.serial_log, append="on")

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import enum
 import time
+import xml.etree.ElementTree as ET
 from typing import Any
 
 from snapback.domain.errors import Conflict, NotFound, SnapbackError
-from snapback.drivers.hypervisor.domain_xml import DomainSpec, build
+from snapback.drivers.hypervisor.domain_xml import DiskSpec, DomainSpec, build, disk_xml
 
 
 class HypervisorError(SnapbackError):
@@ -77,8 +78,35 @@ class LibvirtHypervisor:
             raise Conflict(f"libvirt domain {spec.name} already exists")
         self._call(f"defining {spec.name}", self.conn.defineXML, build(spec))
 
-    def define_xml(self, xml: str) -> None:
-        self._call("defining a domain", self.conn.defineXML, xml)
+    def redefine(self, spec: DomainSpec) -> None:
+        """Define the domain, replacing the persistent definition if there is one."""
+        self._call(f"defining {spec.name}", self.conn.defineXML, build(spec))
+
+    def attach_disk(self, name: str, disk: DiskSpec) -> None:
+        """Hot-plug a disk into a running domain (the definition is the caller's job)."""
+        lv = _libvirt()
+        self._call(
+            f"attaching {disk.target} to {name}",
+            self._domain(name).attachDeviceFlags,
+            disk_xml(disk),
+            lv.VIR_DOMAIN_AFFECT_LIVE,
+        )
+
+    def detach_disk(self, name: str, target: str) -> None:
+        dom = self._domain(name)
+        root = ET.fromstring(str(self._call("reading domain XML", dom.XMLDesc, 0)))
+        for disk in root.iter("disk"):
+            tgt = disk.find("target")
+            if tgt is not None and tgt.get("dev") == target:
+                lv = _libvirt()
+                self._call(
+                    f"detaching {target} from {name}",
+                    dom.detachDeviceFlags,
+                    ET.tostring(disk, encoding="unicode"),
+                    lv.VIR_DOMAIN_AFFECT_LIVE,
+                )
+                return
+        raise NotFound(f"domain {name} has no disk {target}")
 
     def xml(self, name: str, *, inactive: bool = True) -> str:
         flags = _libvirt().VIR_DOMAIN_XML_INACTIVE if inactive else 0

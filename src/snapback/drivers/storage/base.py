@@ -32,6 +32,15 @@ class Debris:
     reason: str
 
 
+@dataclass(frozen=True)
+class Attachment:
+    """How a hypervisor reaches a volume: ``file`` + path for local, ``network`` for rbd."""
+
+    type: str
+    source: str
+    format: str
+
+
 class BlockHandle(abc.ABC):
     """Byte access to a volume or a snapshot (read-only for a snapshot)."""
 
@@ -105,6 +114,10 @@ class StoragePool(abc.ABC):
     @abc.abstractmethod
     def open(self, name: str, *, snapshot: str | None = None) -> BlockHandle:
         """Byte access to a volume (read-write) or a snapshot (read-only)."""
+
+    @abc.abstractmethod
+    def attachment(self, name: str) -> Attachment:
+        """Where a VM reads and writes the volume now (changes when the volume changes)."""
 
     # -- snapshots -------------------------------------------------------
     @abc.abstractmethod

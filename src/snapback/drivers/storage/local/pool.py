@@ -20,7 +20,7 @@ from snapback.domain.models import DiskFormat, ParentRef, SnapshotInfo, VolumeIn
 from snapback.domain.names import validate_name
 from snapback.drivers.imagefmt import qemu_img
 from snapback.drivers.imagefmt.inspector import InspectedImage
-from snapback.drivers.storage.base import BlockHandle, Debris, ProgressFn, StoragePool
+from snapback.drivers.storage.base import Attachment, BlockHandle, Debris, ProgressFn, StoragePool
 from snapback.drivers.storage.local import layers
 from snapback.drivers.storage.local.meta import (
     LOCK,
@@ -204,6 +204,9 @@ class LocalPool(StoragePool):
             stack.close()
             raise
         return layers.LockedHandle(handle, stack)
+
+    def attachment(self, name: str) -> Attachment:
+        return Attachment("file", str(self.layer_path(name, self.load(name).head)), "qcow2")
 
     # -- snapshots -------------------------------------------------------
     def _snapshot(self, meta: VolumeMeta, snapshot: str) -> SnapMeta:

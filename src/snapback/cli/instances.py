@@ -1,0 +1,145 @@
+"""``snapback instance ...``"""
+
+from __future__ import annotations
+
+import click
+
+from snapback.cli.main import context
+from snapback.cli.output import FORMAT_OPTION, emit, fields, table
+from snapback.services.instances import InstanceService
+from snapback.services.views import InstanceView
+
+
+def service() -> InstanceService:
+    return InstanceService(context(click.get_current_context()))
+
+
+def instance_text(i: InstanceView) -> str:
+    state = i.domain_state if i.in_sync else f"{i.domain_state} (catalogue says {i.status}!)"
+    return fields(
+        {
+            "name": i.name,
+            "id": i.id,
+            "status": i.status,
+            "libvirt": state,
+            "domain": i.domain,
+            "image": i.image,
+            "memory": f"{i.memory_mib} MiB",
+            "vcpus": i.vcpus,
+            "disks": i.disks,
+            "console": i.console,
+        }
+    )
+
+
+@click.group()
+def instance() -> None:
+    """Instances: virtual machines whose disks are volumes (libvirt domains)."""
+
+
+@instance.command("create")
+@click.argument("name")
+@click.option(
+    "--image", "image_ref", required=True, help="Image (id or name) to clone the root disk from."
+)
+@click.option("--memory", default=256, show_default=True, help="Memory in MiB.")
+@click.option("--vcpus", default=1, show_default=True)
+@click.option("--volume", "volumes", multiple=True, help="Attach an existing volume (repeatable).")
+@click.option("--no-start", is_flag=True, help="Define it without starting it.")
+@FORMAT_OPTION
+def create(
+    name: str,
+    image_ref: str,
+    memory: int,
+    vcpus: int,
+    volumes: tuple[str, ...],
+    no_start: bool,
+    fmt: str,
+) -> None:
+    """Create an instance: root disk cloned from IMAGE, extra volumes attached."""
+    inst = service().create(name, image_ref, memory, vcpus, list(volumes), start=not no_start)
+    emit(fmt, inst, instance_text)
+
+
+@instance.command("list")
+@FORMAT_OPTION
+def list_(fmt: str) -> None:
+    """List instances with what the catalogue and libvirt each say."""
+    emit(
+        fmt,
+        service().list_instances(),
+        lambda xs: table(
+            [
+                {
+                    "name": i.name,
+                    "status": i.status,
+                    "libvirt": i.domain_state,
+                    "in_sync": i.in_sync,
+                    "disks": list(i.disks.values()),
+                }
+                for i in xs
+            ],
+            ["name", "status", "libvirt", "in_sync", "disks"],
+        ),
+    )
+
+
+@instance.command("show")
+@click.argument("name")
+@FORMAT_OPTION
+def show(name: str, fmt: str) -> None:
+    """Show an instance; says when the catalogue and libvirt disagree."""
+    emit(fmt, service().show(name), instance_text)
+
+
+@instance.command("start")
+@click.argument("name")
+@FORMAT_OPTION
+def start(name: str, fmt: str) -> None:
+    """Start an instance (its definition is rebuilt from the catalogue first)."""
+    emit(fmt, service().start(name), instance_text)
+
+
+@instance.command("stop")
+@click.argument("name")
+@click.option("--force", is_flag=True, help="Power off at once instead of asking the guest.")
+@click.option("--timeout", default=30.0, show_default=True, help="Seconds before forcing.")
+@FORMAT_OPTION
+def stop(name: str, force: bool, timeout: float, fmt: str) -> None:
+    """Stop an instance: ask the guest, then force after --timeout."""
+    emit(fmt, service().stop(name, force=force, timeout=timeout), instance_text)
+
+
+@instance.command("reboot")
+@click.argument("name")
+@FORMAT_OPTION
+def reboot(name: str, fmt: str) -> None:
+    """Reset an instance."""
+    emit(fmt, service().reboot(name), instance_text)
+
+
+@instance.command("delete")
+@click.argument("name")
+@FORMAT_OPTION
+def delete(name: str, fmt: str) -> None:
+    """Delete an instance and its root disk (attached volumes are kept)."""
+    result = service().delete(name)
+    emit(fmt, {"instance": name, "result": result}, lambda r: f"{name}: {result}")
+
+
+@instance.command("attach")
+@click.argument("name")
+@click.argument("volume")
+@FORMAT_OPTION
+def attach(name: str, volume: str, fmt: str) -> None:
+    """Attach a volume as the next free disk (live when the instance runs)."""
+    emit(fmt, service().attach(name, volume), instance_text)
+
+
+@instance.command("detach")
+@click.argument("name")
+@click.argument("volume")
+@FORMAT_OPTION
+def detach(name: str, volume: str, fmt: str) -> None:
+    """Detach a volume (not the root disk)."""
+    emit(fmt, service().detach(name, volume), instance_text)

@@ -1,0 +1,150 @@
+"""Instances on a real libvirtd running the TCG test guest, driven through the CLI."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import Cli
+from tests.guestrecords import READY_LINE, parse_console, read_image, scan
+
+MIB = 1 << 20
+SLOTS = 64
+
+
+@pytest.fixture
+def vm_cli(guest: Path, qemu_img_log: Path) -> Iterator[Cli]:
+    """A CLI whose state folder the qemu user can reach (pytest's tmp folders are 0700)."""
+    home = Path(tempfile.mkdtemp(prefix="snapback-home-", dir="/var/tmp"))
+    home.chmod(0o755)
+    cli = Cli(home, {"SNAPBACK_QEMU_IMG": str(qemu_img_log.with_name("qemu-img-logged"))})
+    yield cli
+    for inst in cli.json("instance", "list"):
+        cli("instance", "delete", inst["name"], check=False)
+    shutil.rmtree(home, ignore_errors=True)
+
+
+def upload_guest(cli: Cli, guest: Path, tmp_path: Path) -> None:
+    kernel = cli.json(
+        "image", "create", "kernel", "--file", str(guest / "vmlinuz"), "--disk-format", "aki"
+    )
+    initrd = cli.json(
+        "image", "create", "initrd", "--file", str(guest / "initrd.gz"), "--disk-format", "ari"
+    )
+    disk = tmp_path / "empty.raw"
+    with open(disk, "wb") as f:
+        f.truncate(16 * MIB)
+    cli(
+        "image",
+        "create",
+        "tiny",
+        "--file",
+        str(disk),
+        "--disk-format",
+        "raw",
+        "--property",
+        f"kernel_id={kernel['id']}",
+        "--property",
+        f"ramdisk_id={initrd['id']}",
+        "--property",
+        f"os_command_line=console=ttyS0 quiet panic=-1 snapback.records={SLOTS}",
+    )
+
+
+def wait_console(path: Path, predicate: object, timeout: float = 90) -> str:
+    deadline = time.monotonic() + timeout
+    text = ""
+    while time.monotonic() < deadline:
+        text = path.read_text(errors="replace") if path.exists() else ""
+        assert callable(predicate)
+        if predicate(text):
+            return text
+        time.sleep(0.2)
+    raise AssertionError(f"timed out; console:\n{text[-2000:]}")
+
+
+def test_instance_lifecycle(vm_cli: Cli, guest: Path, tmp_path: Path) -> None:
+    cli = vm_cli
+    upload_guest(cli, guest, tmp_path)
+    cli("volume", "create", "data", "--size", "8M")
+    inst = cli.json("instance", "create", "vm1", "--image", "tiny", "--volume", "data")
+    assert inst["status"] == "active" and inst["domain_state"] == "running" and inst["in_sync"]
+    assert inst["disks"] == {"vda": "default/vm1-root", "vdb": "default/data"}
+    console = Path(inst["console"])
+    wait_console(console, lambda t: READY_LINE in t and "REC vdb" in t and t.count("REC vda") > 5)
+    assert cli.json("volume", "show", "vm1-root")["parent"].endswith("@base")
+
+    busy = cli("snapshot", "create", "vm1-root@live", check=False)
+    assert busy.returncode == 4 and "running instance vm1" in busy.stderr
+    gone = cli("volume", "delete", "data", check=False)
+    assert gone.returncode == 4 and "attached to instance vm1" in gone.stderr
+
+    stopped = cli.json("instance", "stop", "vm1", "--force")
+    assert stopped["status"] == "shutoff" and stopped["domain_state"] == "shutoff"
+    log = parse_console(console.read_text(errors="replace"))
+    out = tmp_path / "root.raw"
+    cli("volume", "export", "vm1-root", "--file", str(out))
+    first = scan(read_image(out, SLOTS * 4096), "vda")
+    assert first.max_valid_seq is not None and first.max_valid_seq >= log.last_rec["vda"]
+    assert all(first.valid.values())
+
+    cli("snapshot", "create", "vm1-root@stopped")  # allowed while stopped
+    cli.json("instance", "start", "vm1")  # the definition follows the new head file
+    wait_console(
+        console, lambda t: t.count(READY_LINE) >= 2 and f"REC vda {first.max_valid_seq + 3}" in t
+    )
+    cli("instance", "stop", "vm1", "--force")
+    out2 = tmp_path / "root2.raw"
+    cli("volume", "export", "vm1-root", "--file", str(out2))
+    assert (scan(read_image(out2, SLOTS * 4096), "vda").max_valid_seq or 0) > first.max_valid_seq
+    snap = tmp_path / "snap.raw"
+    cli("volume", "export", "vm1-root", "--snapshot", "stopped", "--file", str(snap))
+    assert scan(read_image(snap, SLOTS * 4096), "vda").max_valid_seq == first.max_valid_seq
+
+    cli("instance", "start", "vm1")
+    domain = cli.json("instance", "show", "vm1")["domain"]
+    subprocess.run(
+        ["virsh", "-c", "qemu:///system", "destroy", domain], check=True, capture_output=True
+    )
+    drift = cli.json("instance", "show", "vm1")
+    assert drift["status"] == "active" and drift["domain_state"] == "shutoff"
+    assert drift["in_sync"] is False
+    assert "catalogue says active" in cli("instance", "show", "vm1").stdout
+
+    cli("instance", "delete", "vm1")
+    assert cli.json("instance", "list") == []
+    names = {v["name"] for v in cli.json("volume", "list")}
+    assert names == {"data"}  # the root disk went, the attached volume stayed
+    res = subprocess.run(
+        ["virsh", "-c", "qemu:///system", "dominfo", domain],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert res.returncode != 0
+    assert cli.json("gc", "--dry-run")["debris"] == []
+
+
+def test_instance_errors(vm_cli: Cli, guest: Path, tmp_path: Path) -> None:
+    cli = vm_cli
+    res = cli("instance", "create", "x", "--image", "nope", check=False)
+    assert res.returncode == 3 and "image" in res.stderr
+    upload_guest(cli, guest, tmp_path)
+    res = cli("instance", "create", "x", "--image", "kernel", check=False)
+    assert res.returncode == 5 and "not an active disk image" in res.stderr
+    res = cli("instance", "create", "x", "--image", "tiny", "--volume", "missing", check=False)
+    assert res.returncode == 3
+    res = cli("instance", "show", "ghost", check=False)
+    assert res.returncode == 3 and res.stderr == "error: instance ghost does not exist\n"
+    cli("instance", "create", "y", "--image", "tiny", "--no-start")
+    dup = cli("instance", "create", "y", "--image", "tiny", check=False)
+    assert dup.returncode == 4
+    assert cli.json("instance", "show", "y")["domain_state"] == "shutoff"
+    cli("instance", "delete", "y")
+    assert cli.json("volume", "list") == []
