@@ -57,6 +57,16 @@ def upload_guest(cli: Cli, guest: Path, tmp_path: Path) -> None:
     )
 
 
+def domain_names() -> list[str]:
+    out = subprocess.run(
+        ["virsh", "-c", "qemu:///system", "list", "--all", "--name"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    return out.split()
+
+
 def wait_console(path: Path, predicate: object, timeout: float = 90) -> str:
     deadline = time.monotonic() + timeout
     text = ""
@@ -148,3 +158,44 @@ def test_instance_errors(vm_cli: Cli, guest: Path, tmp_path: Path) -> None:
     assert cli.json("instance", "show", "y")["domain_state"] == "shutoff"
     cli("instance", "delete", "y")
     assert cli.json("volume", "list") == []
+
+
+@pytest.mark.parametrize("step", ["row", "root", "defined", "started"])
+def test_instance_create_killed_at_each_step(
+    vm_cli: Cli, guest: Path, tmp_path: Path, step: str
+) -> None:
+    import signal
+
+    cli = vm_cli
+    upload_guest(cli, guest, tmp_path)
+    res = cli(
+        "instance",
+        "create",
+        "vm",
+        "--image",
+        "tiny",
+        env={"SNAPBACK_CRASH_AT": f"instance.create:{step}"},
+        check=False,
+    )
+    assert res.returncode == -signal.SIGKILL
+    report = cli.json("gc")
+    assert report["problems"] == [] and any("instance.create" in r for r in report["recovered"])
+    instances = cli.json("instance", "list")
+    domains = subprocess.run(
+        ["virsh", "-c", "qemu:///system", "list", "--all", "--name"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
+    if step == "started":
+        assert [i["status"] for i in instances] == ["active"] and instances[0]["in_sync"]
+        assert instances[0]["domain"] in domains
+    else:
+        assert instances == []
+        assert cli.json("volume", "list") == []  # no root disk left behind
+        assert not any(
+            d
+            for d in domains
+            if d.startswith("snapback-") and d not in {i["domain"] for i in instances}
+        )
+    assert cli.json("gc", "--dry-run")["debris"] == []
