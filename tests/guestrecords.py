@@ -17,6 +17,8 @@ import re
 import subprocess
 import sys
 import tempfile
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -172,6 +174,18 @@ def consistent(result: Scan, console: ConsoleLog, disk: str) -> bool:
     if last is None:
         return found is None or found == 0
     return found is not None and found in (last, last + 1)
+
+
+def wait_console(path: Path, predicate: Callable[[str], bool], timeout: float = 90) -> str:
+    """Poll a serial log until ``predicate(text)`` holds; AssertionError with its tail if not."""
+    deadline = time.monotonic() + timeout
+    text = ""
+    while time.monotonic() < deadline:
+        text = path.read_text(errors="replace") if path.exists() else ""
+        if predicate(text):
+            return text
+        time.sleep(0.2)
+    raise AssertionError(f"timed out after {timeout} s; console so far:\n{text[-2000:]}")
 
 
 def main(argv: list[str]) -> int:

@@ -5,14 +5,13 @@ from __future__ import annotations
 import shutil
 import subprocess
 import tempfile
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.conftest import Cli
-from tests.guestrecords import READY_LINE, parse_console, read_image, scan
+from tests.guestrecords import READY_LINE, parse_console, read_image, scan, wait_console
 
 MIB = 1 << 20
 SLOTS = 64
@@ -65,18 +64,6 @@ def domain_names() -> list[str]:
         check=True,
     ).stdout
     return out.split()
-
-
-def wait_console(path: Path, predicate: object, timeout: float = 90) -> str:
-    deadline = time.monotonic() + timeout
-    text = ""
-    while time.monotonic() < deadline:
-        text = path.read_text(errors="replace") if path.exists() else ""
-        assert callable(predicate)
-        if predicate(text):
-            return text
-        time.sleep(0.2)
-    raise AssertionError(f"timed out; console:\n{text[-2000:]}")
 
 
 def test_instance_lifecycle(vm_cli: Cli, guest: Path, tmp_path: Path) -> None:

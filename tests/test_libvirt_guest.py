@@ -15,7 +15,7 @@ from snapback.domain.errors import Conflict, NotFound
 from snapback.drivers.hypervisor.domain_xml import DiskSpec, DomainSpec
 from snapback.drivers.hypervisor.libvirt_driver import DomainState, LibvirtHypervisor
 from snapback.drivers.storage.local import LocalPool
-from tests.guestrecords import READY_LINE, consistent, parse_console, scan
+from tests.guestrecords import READY_LINE, consistent, parse_console, scan, wait_console
 
 MIB = 1 << 20
 SLOTS = 64
@@ -28,18 +28,6 @@ def vmdir() -> Iterator[Path]:
     d.chmod(0o755)
     yield d
     shutil.rmtree(d, ignore_errors=True)
-
-
-def wait_for(path: Path, predicate: object, timeout: float) -> str:
-    deadline = time.monotonic() + timeout
-    text = ""
-    while time.monotonic() < deadline:
-        text = path.read_text(errors="replace") if path.exists() else ""
-        assert callable(predicate)
-        if predicate(text):
-            return text
-        time.sleep(0.2)
-    raise AssertionError(f"timed out; console so far:\n{text[-2000:]}")
 
 
 def test_guest_boots_from_a_local_volume_and_its_writes_land(guest: Path, vmdir: Path) -> None:
@@ -66,9 +54,9 @@ def test_guest_boots_from_a_local_volume_and_its_writes_land(guest: Path, vmdir:
         assert hv.state(name) is DomainState.SHUTOFF
         t0 = time.monotonic()
         hv.start(name)
-        wait_for(console, lambda t: READY_LINE in t, 90)
+        wait_console(console, lambda t: READY_LINE in t, 90)
         boot = time.monotonic() - t0
-        wait_for(console, lambda t: t.count("REC vda") >= 10, 60)
+        wait_console(console, lambda t: t.count("REC vda") >= 10, 60)
         assert hv.state(name) is DomainState.RUNNING
         hv.destroy(name)
         assert hv.state(name) is DomainState.SHUTOFF
