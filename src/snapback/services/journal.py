@@ -107,6 +107,8 @@ def operation(ctx: Context, kind: str, target: str, **payload: Any) -> Iterator[
         try:
             yield handle
         except BaseException as exc:
+            # BaseException on purpose: Ctrl-C half-way must be undone too. Never swallowed:
+            # the original error is always re-raised below.
             try:
                 status = _run_recovery(ctx, load(ctx, op_id))
             except SnapbackError:
