@@ -56,6 +56,11 @@ class Settings:
     def staging(self) -> Path:
         return self.home / "staging"
 
+    @property
+    def work(self) -> Path:
+        """Temporary files of long flows (image-create's delta and copy), one folder each."""
+        return self.home / "work"
+
 
 def load_settings(home: str | os.PathLike[str] | None = None) -> Settings:
     base = Path(home or os.environ.get("SNAPBACK_HOME") or DEFAULT_HOME).absolute()

@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import click
 
+from snapback.cli.images import image_text
 from snapback.cli.main import context
 from snapback.cli.output import FORMAT_OPTION, emit, fields, table
+from snapback.cli.volumes import progress_bar
+from snapback.services.image_create import MODES, QUIESCE, ImageCreateService
+from snapback.services.images import parse_properties
 from snapback.services.instances import InstanceService
 from snapback.services.views import InstanceView
 
@@ -143,3 +147,41 @@ def attach(name: str, volume: str, fmt: str) -> None:
 def detach(name: str, volume: str, fmt: str) -> None:
     """Detach a volume (not the root disk)."""
     emit(fmt, service().detach(name, volume), instance_text)
+
+
+@instance.command("image-create")
+@click.argument("name")
+@click.argument("image_name")
+@click.option(
+    "--mode",
+    type=click.Choice(MODES),
+    default="auto",
+    show_default=True,
+    help="cold: save the guest, copy, resume. live: block copy while it runs. "
+    "auto: live when libvirt/QEMU allow it and the instance runs, else cold.",
+)
+@click.option(
+    "--quiesce",
+    type=click.Choice(QUIESCE),
+    default="auto",
+    show_default=True,
+    help="Freeze the guest's file systems through its agent: auto (when an agent "
+    "answers; else the image is crash-consistent), required (fail without agent), off.",
+)
+@click.option("--property", "props", multiple=True, metavar="KEY=VALUE")
+@FORMAT_OPTION
+def image_create(
+    name: str, image_name: str, mode: str, quiesce: str, props: tuple[str, ...], fmt: str
+) -> None:
+    """Make a new, independent image from the root disk of instance NAME (nova's snapshot)."""
+    ctx = context(click.get_current_context())
+    with progress_bar("image-create", fmt) as bar:
+        img = ImageCreateService(ctx).create(
+            name,
+            image_name,
+            mode=mode,
+            quiesce=quiesce,
+            properties=parse_properties(list(props)),
+            progress=bar,
+        )
+    emit(fmt, img, image_text)

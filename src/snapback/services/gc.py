@@ -22,12 +22,15 @@ from snapback.domain.models import (
     SnapshotStatus,
     VolumeStatus,
 )
-from snapback.services import journal
+from snapback.services import image_create_recovery, images, instances, journal, volumes
 from snapback.services.catalog_queries import clones_of, volume_label
 from snapback.services.context import Context
 from snapback.services.snapshots import SnapshotService
 from snapback.services.views import GcReport
 from snapback.services.volumes import VolumeService
+
+# the modules above register their flows' recovery functions with the journal
+_RECOVERING = (image_create_recovery, images, instances, volumes)
 
 
 class GcService:

@@ -166,6 +166,8 @@ class ImageService:
         staged: Path,
         declared: DiskFormat | None,
         progress: ProgressFn | None,
+        *,
+        consume: bool = False,
     ) -> tuple[int, str, str]:
         """Inspect, import into a read-only volume with a protected ``base`` snapshot."""
         found = inspect(str(staged), declared)
@@ -174,7 +176,7 @@ class ImageService:
         )
         op.step("volume", volume_id=vol.id)
         driver = self.ctx.pool(vol.pool)
-        driver.import_volume(vol.storage_name, str(staged), found, progress)
+        driver.import_volume(vol.storage_name, str(staged), found, progress, consume=consume)
         op.step("imported")
         snap_storage = "s-" + uuid.uuid4().hex[:20]
         driver.create_snapshot(vol.storage_name, snap_storage)

@@ -40,7 +40,7 @@ class InstanceService:
         self.images = ImageService(ctx)
 
     # -- reading ---------------------------------------------------------
-    def _find(self, name: str) -> Instance:
+    def find(self, name: str) -> Instance:
         validate_name(name, "instance name")
         with self.ctx.sessions() as s:
             inst = s.scalars(
@@ -77,7 +77,7 @@ class InstanceService:
             )
 
     def show(self, name: str) -> InstanceView:
-        return self.view(self._find(name).id)
+        return self.view(self.find(name).id)
 
     def list_instances(self) -> list[InstanceView]:
         with self.ctx.sessions() as s:
@@ -217,7 +217,7 @@ class InstanceService:
             inst.status, inst.updated_at = status, time.time()
 
     def start(self, name: str) -> InstanceView:
-        inst = self._find(name)
+        inst = self.find(name)
         if self.ctx.hypervisor.state(inst.domain_name) is not DomainState.RUNNING:
             self.ctx.hypervisor.redefine(self.spec(inst.id))
             self.ctx.hypervisor.start(inst.domain_name)
@@ -225,7 +225,7 @@ class InstanceService:
         return self.view(inst.id)
 
     def stop(self, name: str, *, force: bool = False, timeout: float = 30.0) -> InstanceView:
-        inst = self._find(name)
+        inst = self.find(name)
         if force:
             self.ctx.hypervisor.destroy(inst.domain_name)
         else:
@@ -234,17 +234,17 @@ class InstanceService:
         return self.view(inst.id)
 
     def reboot(self, name: str) -> InstanceView:
-        inst = self._find(name)
+        inst = self.find(name)
         self.ctx.hypervisor.reboot(inst.domain_name)
         return self.view(inst.id)
 
     def delete(self, name: str) -> str:
-        inst = self._find(name)
+        inst = self.find(name)
         _teardown(self.ctx, inst.id)
         return "deleted"
 
     def attach(self, name: str, volume: str) -> InstanceView:
-        inst = self._find(name)
+        inst = self.find(name)
         vol_id = self._attachable(volume)
         with self.ctx.transaction() as s:
             row = s.get(Instance, inst.id)
@@ -256,7 +256,7 @@ class InstanceService:
         return self.view(inst.id)
 
     def detach(self, name: str, volume: str) -> InstanceView:
-        inst = self._find(name)
+        inst = self.find(name)
         with self.ctx.transaction() as s:
             vol = live_volume(s, self.ctx.settings.default_pool, volume)
             disk = s.scalars(

@@ -24,7 +24,7 @@ from typing import Any
 
 from sqlalchemy import select
 
-from snapback.catalog.models import Operation, OperationStep
+from snapback.catalog.models import Operation, OperationStep, new_id
 from snapback.domain.errors import Busy, SnapbackError
 from snapback.domain.models import OperationStatus
 from snapback.services.context import Context
@@ -91,18 +91,23 @@ def _lock_key(op_id: str) -> str:
 
 @contextlib.contextmanager
 def operation(ctx: Context, kind: str, target: str, **payload: Any) -> Iterator[OpHandle]:
-    """Run a journaled operation; on error, recover it at once and re-raise."""
-    with ctx.transaction() as s:
-        op = Operation(
-            kind=kind,
-            target=target,
-            status=OperationStatus.RUNNING,
-            payload=json.dumps(payload, sort_keys=True),
-        )
-        s.add(op)
-        s.flush()
-        op_id = op.id
+    """Run a journaled operation; on error, recover it at once and re-raise.
+
+    The lock is taken before the row exists, so no ``gc`` can ever see this
+    operation ``running`` with its lock free while its process is alive.
+    """
+    op_id = new_id()
     with ctx.lock(_lock_key(op_id), timeout=0):
+        with ctx.transaction() as s:
+            s.add(
+                Operation(
+                    id=op_id,
+                    kind=kind,
+                    target=target,
+                    status=OperationStatus.RUNNING,
+                    payload=json.dumps(payload, sort_keys=True),
+                )
+            )
         handle = OpHandle(ctx, op_id, kind)
         try:
             yield handle

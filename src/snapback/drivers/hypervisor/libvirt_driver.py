@@ -35,7 +35,13 @@ def _libvirt() -> Any:
         import libvirt
     except ImportError as exc:  # a Debian package: python3-libvirt
         raise HypervisorError("libvirt Python binding missing: run scripts/bootstrap.sh") from exc
+    # libvirt prints every error on stderr by default; ours reach the user as one message
+    libvirt.registerErrorHandler(_ignore_error, None)
     return libvirt
+
+
+def _ignore_error(_ctx: object, _err: object) -> None:
+    return None
 
 
 class LibvirtHypervisor:
@@ -56,7 +62,7 @@ class LibvirtHypervisor:
                 ) from exc
         return self._conn
 
-    def _domain(self, name: str) -> Any:
+    def domain(self, name: str) -> Any:
         lv = _libvirt()
         try:
             return self.conn.lookupByName(name)
@@ -65,7 +71,7 @@ class LibvirtHypervisor:
                 raise NotFound(f"libvirt domain {name} does not exist") from exc
             raise HypervisorError(f"libvirt: {exc.get_error_message()}") from exc
 
-    def _call(self, what: str, fn: Any, *args: Any) -> Any:
+    def call(self, what: str, fn: Any, *args: Any) -> Any:
         lv = _libvirt()
         try:
             return fn(*args)
@@ -76,30 +82,30 @@ class LibvirtHypervisor:
     def define(self, spec: DomainSpec) -> None:
         if spec.name in self.list_names():
             raise Conflict(f"libvirt domain {spec.name} already exists")
-        self._call(f"defining {spec.name}", self.conn.defineXML, build(spec))
+        self.call(f"defining {spec.name}", self.conn.defineXML, build(spec))
 
     def redefine(self, spec: DomainSpec) -> None:
         """Define the domain, replacing the persistent definition if there is one."""
-        self._call(f"defining {spec.name}", self.conn.defineXML, build(spec))
+        self.call(f"defining {spec.name}", self.conn.defineXML, build(spec))
 
     def attach_disk(self, name: str, disk: DiskSpec) -> None:
         """Hot-plug a disk into a running domain (the definition is the caller's job)."""
         lv = _libvirt()
-        self._call(
+        self.call(
             f"attaching {disk.target} to {name}",
-            self._domain(name).attachDeviceFlags,
+            self.domain(name).attachDeviceFlags,
             disk_xml(disk),
             lv.VIR_DOMAIN_AFFECT_LIVE,
         )
 
     def detach_disk(self, name: str, target: str) -> None:
-        dom = self._domain(name)
-        root = ET.fromstring(str(self._call("reading domain XML", dom.XMLDesc, 0)))
+        dom = self.domain(name)
+        root = ET.fromstring(str(self.call("reading domain XML", dom.XMLDesc, 0)))
         for disk in root.iter("disk"):
             tgt = disk.find("target")
             if tgt is not None and tgt.get("dev") == target:
                 lv = _libvirt()
-                self._call(
+                self.call(
                     f"detaching {target} from {name}",
                     dom.detachDeviceFlags,
                     ET.tostring(disk, encoding="unicode"),
@@ -110,25 +116,25 @@ class LibvirtHypervisor:
 
     def xml(self, name: str, *, inactive: bool = True) -> str:
         flags = _libvirt().VIR_DOMAIN_XML_INACTIVE if inactive else 0
-        return str(self._call("reading domain XML", self._domain(name).XMLDesc, flags))
+        return str(self.call("reading domain XML", self.domain(name).XMLDesc, flags))
 
     def start(self, name: str) -> None:
-        dom = self._domain(name)
+        dom = self.domain(name)
         if dom.isActive():
             return
-        self._call(f"starting {name}", dom.create)
+        self.call(f"starting {name}", dom.create)
 
     def destroy(self, name: str) -> None:
-        dom = self._domain(name)
+        dom = self.domain(name)
         if dom.isActive():
-            self._call(f"stopping {name}", dom.destroy)
+            self.call(f"stopping {name}", dom.destroy)
 
     def shutdown(self, name: str, timeout: float = 30.0) -> bool:
         """Ask the guest to power off; force it after ``timeout``. True when it obeyed."""
-        dom = self._domain(name)
+        dom = self.domain(name)
         if not dom.isActive():
             return True
-        self._call(f"shutting down {name}", dom.shutdown)
+        self.call(f"shutting down {name}", dom.shutdown)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if not dom.isActive():
@@ -138,18 +144,18 @@ class LibvirtHypervisor:
         return False
 
     def reboot(self, name: str) -> None:
-        self._call(f"rebooting {name}", self._domain(name).reset, 0)
+        self.call(f"rebooting {name}", self.domain(name).reset, 0)
 
     def undefine(self, name: str) -> None:
-        dom = self._domain(name)
+        dom = self.domain(name)
         lv = _libvirt()
         flags = lv.VIR_DOMAIN_UNDEFINE_MANAGED_SAVE | lv.VIR_DOMAIN_UNDEFINE_NVRAM
-        self._call(f"undefining {name}", dom.undefineFlags, flags)
+        self.call(f"undefining {name}", dom.undefineFlags, flags)
 
     def state(self, name: str) -> DomainState:
         lv = _libvirt()
         try:
-            code = self._domain(name).state()[0]
+            code = self.domain(name).state()[0]
         except NotFound:
             return DomainState.MISSING
         return {
@@ -161,8 +167,8 @@ class LibvirtHypervisor:
         }.get(code, DomainState.OTHER)
 
     def is_persistent(self, name: str) -> bool:
-        return bool(self._domain(name).isPersistent())
+        return bool(self.domain(name).isPersistent())
 
     def list_names(self) -> list[str]:
-        doms = self._call("listing domains", self.conn.listAllDomains, 0)
+        doms = self.call("listing domains", self.conn.listAllDomains, 0)
         return sorted(d.name() for d in doms)

@@ -95,9 +95,19 @@ class StoragePool(abc.ABC):
 
     @abc.abstractmethod
     def import_volume(
-        self, name: str, source: str, image: InspectedImage, progress: ProgressFn | None = None
+        self,
+        name: str,
+        source: str,
+        image: InspectedImage,
+        progress: ProgressFn | None = None,
+        *,
+        consume: bool = False,
     ) -> VolumeInfo:
-        """Create a volume from a file that ``inspect()`` has passed (``image``)."""
+        """Create a volume from a file that ``inspect()`` has passed (``image``).
+
+        ``consume``: the caller hands the file over (a temporary file of ours);
+        a driver may move it into place instead of copying it.
+        """
 
     @abc.abstractmethod
     def export_volume(

@@ -9,13 +9,14 @@ explains the choice.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
-from snapback.domain.errors import Conflict, HasDependents, InvalidInput, NotFound
+from snapback.domain.errors import Conflict, HasDependents, InvalidInput, NotFound, StorageError
 from snapback.domain.models import DiskFormat, ParentRef, SnapshotInfo, VolumeInfo
 from snapback.domain.names import validate_name
 from snapback.drivers.imagefmt import qemu_img
@@ -158,20 +159,28 @@ class LocalPool(StoragePool):
             layers.remove_tree(vdir)
 
     def import_volume(
-        self, name: str, source: str, image: InspectedImage, progress: ProgressFn | None = None
+        self,
+        name: str,
+        source: str,
+        image: InspectedImage,
+        progress: ProgressFn | None = None,
+        *,
+        consume: bool = False,
     ) -> VolumeInfo:
         with self.meta_lock():
             vdir = self._reserve(name)
         with flock(vdir / LOCK, timeout=0, what=f"volume {self.name}/{name}"):
             layer = new_layer_id()
-            qemu_img.convert(
-                source,
-                image.format.value,
-                str(vdir / f"{layer}.qcow2"),
-                "qcow2",
-                progress=progress,
-                total=image.virtual_size,
-            )
+            dest = vdir / f"{layer}.qcow2"
+            if not (consume and image.format is DiskFormat.QCOW2 and _move(source, dest)):
+                qemu_img.convert(
+                    source,
+                    image.format.value,
+                    str(dest),
+                    "qcow2",
+                    progress=progress,
+                    total=image.virtual_size,
+                )
             with self.meta_lock():
                 self.save(
                     VolumeMeta(name=name, head=layer, size=image.virtual_size, layers={layer: None})
@@ -354,3 +363,15 @@ class LocalPool(StoragePool):
             with contextlib.suppress(Conflict), self.locked(volume, timeout=0) as meta:
                 done += layers.finish_pending(self, meta)
         return done
+
+
+def _move(source: str, dest: Path) -> bool:
+    """Move a self-contained qcow2 of ours into place; False across file systems."""
+    try:
+        os.rename(source, dest)
+    except OSError as exc:
+        if exc.errno == errno.EXDEV:
+            return False
+        raise StorageError(f"cannot move {source} into the pool: {exc.strerror}") from exc
+    os.chmod(dest, 0o644)
+    return True
