@@ -39,19 +39,30 @@ class SnapbackGroup(click.Group):
 @click.pass_context
 def cli(ctx: click.Context, home: str | None) -> None:
     """snapback: snapshots, images and backups of virtual machine disks."""
-    ctx.obj = LazyContext(home)
+    ctx.obj = LazyContext(home, recover=ctx.invoked_subcommand not in ("gc", "tour"))
 
 
 class LazyContext:
-    """Opens the catalogue only when a command needs it (so --help stays instant)."""
+    """Opens the catalogue only when a command needs it (so --help stays instant).
 
-    def __init__(self, home: str | None) -> None:
+    Opening it first finishes or undoes operations whose process died (as a
+    database replays its log at start), so a restart of snapback restores the
+    state a crash left; ``gc`` does the same and reports it.
+    """
+
+    def __init__(self, home: str | None, *, recover: bool = True) -> None:
         self.home = home
+        self.recover = recover
         self._ctx: Context | None = None
 
     def get(self) -> Context:
         if self._ctx is None:
             self._ctx = Context(load_settings(self.home))
+            if self.recover:
+                from snapback.services.gc import recover_interrupted
+
+                for line in recover_interrupted(self._ctx):
+                    click.echo(f"snapback: interrupted operation {line}", err=True)
         return self._ctx
 
 

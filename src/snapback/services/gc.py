@@ -33,6 +33,11 @@ from snapback.services.volumes import VolumeService
 _RECOVERING = (image_create_recovery, images, instances, volumes)
 
 
+def recover_interrupted(ctx: Context) -> list[str]:
+    """Finish or undo operations whose process died; what was done, one line each."""
+    return journal.recover_abandoned(ctx)
+
+
 class GcService:
     def __init__(self, ctx: Context) -> None:
         self.ctx = ctx

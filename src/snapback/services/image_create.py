@@ -39,7 +39,7 @@ from snapback.drivers.imagefmt import qemu_img
 from snapback.drivers.storage.base import ProgressFn
 from snapback.services import journal
 from snapback.services.context import Context
-from snapback.services.image_create_recovery import KIND, recover
+from snapback.services.image_create_recovery import KIND, THAW_WAIT_S, recover
 from snapback.services.images import ImageService
 from snapback.services.instances import InstanceService
 from snapback.services.views import ImageView
@@ -233,7 +233,7 @@ class ImageCreateService:
         return True
 
     def _thaw(self, op: journal.OpHandle, plan: Plan) -> None:
-        ops.fs_thaw(self.ctx.hypervisor, plan.domain)
+        ops.fs_thaw(self.ctx.hypervisor, plan.domain, wait=THAW_WAIT_S)
         op.step("thawed")
 
     def _cold(

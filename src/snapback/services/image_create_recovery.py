@@ -32,6 +32,7 @@ from snapback.services.context import Context
 from snapback.services.volumes import purge
 
 KIND = "instance.image_create"
+THAW_WAIT_S = 30.0
 
 
 def _end_our_copy(hv: LibvirtHypervisor, domain: str, target: str, work: str | None) -> None:
@@ -59,12 +60,12 @@ def _resume_saved(hv: LibvirtHypervisor, domain: str) -> None:
         hv.start(domain)
 
 
-def _thaw_quietly(hv: LibvirtHypervisor, domain: str) -> None:
+def _thaw_quietly(hv: LibvirtHypervisor, domain: str, wait: float) -> None:
     """Thaw if frozen; thawing a thawed guest is harmless, a missing agent is not our problem."""
     if hv.state(domain) is not DomainState.RUNNING:
         return
     with contextlib.suppress(ops.AgentUnavailable):
-        ops.fs_thaw(hv, domain)
+        ops.fs_thaw(hv, domain, wait=wait)
 
 
 def _reattach(hv: LibvirtHypervisor, domain: str, devices: list[str]) -> None:
@@ -87,7 +88,8 @@ def recover(ctx: Context, op: journal.OperationRecord) -> OperationStatus:
         if op.reached("detached") and not op.reached("reattached"):
             _reattach(hv, domain, list(op.data("detached").get("devices", [])))
     if op.payload.get("running") and op.payload.get("quiesce") != "off":
-        _thaw_quietly(hv, domain)
+        # only a flow that may have frozen the guest waits for the agent to come back
+        _thaw_quietly(hv, domain, THAW_WAIT_S if op.reached("frozen") else 0.0)
     if work:
         shutil.rmtree(work, ignore_errors=True)
     if op.reached("activated"):

@@ -205,12 +205,18 @@ def fs_freeze(hv: LibvirtHypervisor, name: str) -> int:
         raise _agent_error(name, exc) from exc
 
 
-def fs_thaw(hv: LibvirtHypervisor, name: str) -> int:
+def fs_thaw(hv: LibvirtHypervisor, name: str, *, wait: float = 0.0) -> int:
+    """Thaw the guest's file systems, retrying for ``wait`` seconds while the agent is
+    not connected (after a restore libvirt sees the agent's port again a moment later)."""
     lv = _libvirt()
-    try:
-        return int(hv.domain(name).fsThaw(None, 0))
-    except lv.libvirtError as exc:
-        raise _agent_error(name, exc) from exc
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            return int(hv.domain(name).fsThaw(None, 0))
+        except lv.libvirtError as exc:
+            if time.monotonic() >= deadline:
+                raise _agent_error(name, exc) from exc
+        time.sleep(0.1)
 
 
 def define_xml(hv: LibvirtHypervisor, xml: str) -> None:

@@ -101,10 +101,11 @@ class LocalPool(StoragePool):
     def create_volume(self, name: str, size: int) -> VolumeInfo:
         with self.meta_lock():
             vdir = self._reserve(name)
-            layer = new_layer_id()
-            qemu_img.create(str(vdir / f"{layer}.qcow2"), size)
-            meta = VolumeMeta(name=name, head=layer, size=size, layers={layer: None})
-            self.save(meta)
+            with _undo_reserve(vdir):
+                layer = new_layer_id()
+                qemu_img.create(str(vdir / f"{layer}.qcow2"), size)
+                meta = VolumeMeta(name=name, head=layer, size=size, layers={layer: None})
+                self.save(meta)
         return self.volume_info(name)
 
     def _reserve(self, name: str) -> Path:
@@ -169,7 +170,7 @@ class LocalPool(StoragePool):
     ) -> VolumeInfo:
         with self.meta_lock():
             vdir = self._reserve(name)
-        with flock(vdir / LOCK, timeout=0, what=f"volume {self.name}/{name}"):
+        with _undo_reserve(vdir), flock(vdir / LOCK, timeout=0, what=f"volume {self.name}/{name}"):
             layer = new_layer_id()
             dest = vdir / f"{layer}.qcow2"
             if not (consume and image.format is DiskFormat.QCOW2 and _move(source, dest)):
@@ -375,3 +376,14 @@ def _move(source: str, dest: Path) -> bool:
         raise StorageError(f"cannot move {source} into the pool: {exc.strerror}") from exc
     os.chmod(dest, 0o644)
     return True
+
+
+@contextlib.contextmanager
+def _undo_reserve(vdir: Path) -> Iterator[None]:
+    """Remove a reserved volume folder when its create or import fails (a kill leaves
+    it to ``find_debris``)."""
+    try:
+        yield
+    except Exception:
+        layers.remove_tree(vdir)
+        raise
