@@ -9,10 +9,13 @@
 #
 # How: `apt-get download` Debian 12's current linux-image-<ver>-amd64 (the package
 # the linux-image-amd64 metapackage depends on; no kernel is installed, so no
-# initramfs hooks run) and busybox-static, unpack them with `dpkg-deb -x`, copy
-# the kernel and the virtio modules (virtio_pci, virtio_blk, virtio_console and
-# their dependencies, in dependency order, decompressed if .ko.xz/.ko.zst/.ko.gz)
-# into an initramfs with busybox and the /init below.
+# initramfs hooks run), busybox-static and qemu-guest-agent, unpack them with
+# `dpkg-deb -x`, copy the kernel and the virtio modules (virtio_pci, virtio_blk,
+# virtio_console and their dependencies, in dependency order, decompressed if
+# .ko.xz/.ko.zst/.ko.gz) into an initramfs with busybox, the /init below, and
+# usr/sbin/qemu-ga with the shared libraries `ldd` finds for it on this host
+# (same Debian 12; a missing one is an error naming the packages to install)
+# plus the dynamic loader at its own path (/lib64/ld-linux-x86-64.so.2).
 #
 # Boot: -kernel vmlinuz -initrd initrd.gz -append "console=ttyS0 quiet panic=-1"
 # (libvirt: <kernel>, <initrd>, <cmdline>). Extra kernel command-line options:
@@ -21,15 +24,40 @@
 #   snapback.disks=vda,vdb     disks to write                   (default every /dev/vdX)
 #   snapback.delay_ms=MS       pause after each record                 (default 0)
 #   snapback.hb_ms=MS          heartbeat interval                    (default 100)
+#   snapback.agent=on|off      off: no guest agent                     (default on)
 #
 # Console (ttyS0, lines end in \r\n):
 #   SNAPBACK-GUEST kernel=<release> disks=<vda,...> ports=<virtio-serial names> records=<K>
-#     workload=<on|off>
-#   SNAPBACK-GUEST-READY             modules loaded, disks present
+#     workload=<on|off> agent=<on|off>
+#   SNAPBACK-GUEST-AGENT on /dev/vportNpM   qemu-ga serves the guest agent channel
+#   SNAPBACK-GUEST-READY             modules loaded, disks present, agent up (unless off/WARN)
 #   START <disk> <first-seq> <K>     a writer starts on <disk>
 #   REC <disk> <N>                   record N is on <disk> and fsynced (dd conv=fsync)
 #   HB <n> <uptime-seconds>          heartbeat, from /proc/uptime
-#   SNAPBACK-GUEST-WARN <text>       something went wrong (insmod failed, ...)
+#   FSFREEZE                         every writer is paused between two records
+#   FSTHAW                           writers may go on
+#   SNAPBACK-GUEST-WARN <text>       something went wrong (insmod failed, no agent port, ...)
+#
+# Guest agent: with agent=on, /init starts `qemu-ga -m virtio-serial` (daemon;
+# pid file, state and log in /run and /tmp) on the port named
+# org.qemu.guest_agent.0 (libvirt's <channel type='unix'><target type='virtio'
+# name='org.qemu.guest_agent.0'/>; found by its /sys/class/virtio-ports/vportNpM/name,
+# as there is no udev for /dev/virtio-ports/ links) and waits (at most 5 s) until
+# it holds the port open, before SNAPBACK-GUEST-READY; with no such port it warns
+# and goes on. A channel nobody opens in the guest: libvirt says the agent is not
+# connected. qemu-ga runs /etc/qemu/fsfreeze-hook around guest-fsfreeze-freeze/thaw:
+#   freeze: create /tmp/freeze; each writer checks it before every record and
+#           waits while it exists, after touching /tmp/paused.<disk> (so every
+#           REC line is printed before); the hook waits (at most 5 s) for every
+#           started writer's /tmp/paused.<disk>, then prints FSFREEZE. A writer
+#           that does not pause in time: WARN, /tmp/freeze removed, hook exit 1
+#           (the freeze fails; qemu-ga does not freeze).
+#   thaw:   print FSTHAW, then remove /tmp/freeze.
+# So no record is written between FSFREEZE and FSTHAW. The heartbeat does not
+# check /tmp/freeze: HB lines go on while frozen. qemu-ga freezes no filesystem
+# here (rootfs, tmpfs, proc, ... are skipped or do not support FIFREEZE): the
+# hook is what quiesces the disks; `virsh domfsfreeze` says "Froze 0
+# filesystem(s)" and guest-fsfreeze-status stays "thawed" while paused.
 #
 # Record format (tests/guestrecords.py reads it on the host):
 #   - one record = 4096 bytes; record N lives in slot N % K, at byte offset
@@ -92,9 +120,10 @@ fi
 echo "build-guest: building the test guest in $out ($kpkg)" >&2
 
 # --- download and unpack ------------------------------------------------------
-mkdir "$tmp/debs" "$tmp/kernel" "$tmp/busybox" "$tmp/root"
+mkdir "$tmp/debs" "$tmp/kernel" "$tmp/busybox" "$tmp/qga" "$tmp/root"
 download() {
-  (cd "$tmp/debs" && apt-get download -qq -o APT::Sandbox::User=root "$kpkg" busybox-static) \
+  (cd "$tmp/debs" &&
+    apt-get download -qq -o APT::Sandbox::User=root "$kpkg" busybox-static qemu-guest-agent) \
     >>"$log" 2>&1
 }
 if ! download; then
@@ -103,6 +132,10 @@ if ! download; then
 fi
 dpkg-deb -x "$tmp"/debs/"$kpkg"_*.deb "$tmp/kernel"
 dpkg-deb -x "$tmp"/debs/busybox-static_*.deb "$tmp/busybox"
+dpkg-deb -x "$tmp"/debs/qemu-guest-agent_*.deb "$tmp/qga"
+# qemu-guest-agent's dependencies, without versions: named when a library is missing
+qga_deps=$(dpkg-deb -f "$tmp"/debs/qemu-guest-agent_*.deb Depends |
+  tr ',|' '\n\n' | sed 's/(.*)//; s/:any//' | awk 'NF { print $1 }' | sort -u | tr '\n' ' ')
 rm -rf "$tmp/debs"
 
 bb=$tmp/busybox/bin/busybox
@@ -160,6 +193,86 @@ while IFS= read -r applet; do
 done < <("$bb" --list-full)
 echo "$kver" >"$r/etc/snapback-guest-kernel"
 
+# --- qemu-ga, its shared libraries and the dynamic loader ---------------------
+qga=$tmp/qga/usr/sbin/qemu-ga
+[[ -x $qga ]] || die "qemu-guest-agent has no usr/sbin/qemu-ga"
+cp "$qga" "$r/usr/sbin/qemu-ga"
+# ldd on this host (same Debian 12): "soname => /path (addr)", "/loader (addr)",
+# "linux-vdso.so.1 (addr)" (in the kernel), "soname => not found"
+libs=$(ldd "$qga" 2>&1) || true
+missing=$(awk '$2 == "=>" && $3 == "not" { print $1 }' <<<"$libs")
+[[ -z $missing ]] || die "qemu-ga needs $(echo $missing), missing on this host" \
+  "(apt-get install ${qga_deps% })"
+# the libraries go to /lib/x86_64-linux-gnu, a built-in search path of Debian's
+# loader (the initramfs has no /etc/ld.so.cache)
+mkdir -p "$r/lib/x86_64-linux-gnu"
+loader=
+while read -r name arrow path _; do
+  if [[ $arrow == "=>" && $path == /* ]]; then
+    cp -L "$path" "$r/lib/x86_64-linux-gnu/$name"
+  elif [[ $name == /* && $arrow == "("* ]]; then
+    loader=$name
+    mkdir -p "$r${loader%/*}"
+    cp -L "$loader" "$r$loader"
+  fi
+done <<<"$libs"
+[[ -n $loader ]] || die "ldd usr/sbin/qemu-ga names no dynamic loader: $libs"
+chmod 755 "$r/usr/sbin/qemu-ga" "$r$loader"
+mkdir -p "$r/etc/qemu"
+cat >"$r/etc/qemu/fsfreeze-hook" <<'HOOK'
+#!/bin/sh
+# qemu-ga's fsfreeze hook in the snapback test guest (see scripts/build-guest.sh).
+#   freeze: ask every disk writer to pause between two records (/tmp/freeze),
+#           wait (at most 5 s) until each started one (/tmp/writer.<disk>) says
+#           so (/tmp/paused.<disk>), print FSFREEZE
+#   thaw:   print FSTHAW, then let the writers go on
+export PATH=/bin:/sbin:/usr/bin:/usr/sbin
+hook() {
+  con=$(cat /run/snapback-console 2>/dev/null) || con=
+  [ -n "$con" ] || con=/dev/console
+  exec </dev/null >"$con" 2>&1
+  case $1 in
+    freeze)
+      : >/tmp/freeze
+      i=0
+      while :; do
+        waiting=
+        for w in /tmp/writer.*; do
+          [ -e "$w" ] || continue
+          d=${w#/tmp/writer.}
+          [ -e "/tmp/paused.$d" ] || waiting="$waiting $d"
+        done
+        [ -z "$waiting" ] && break
+        if [ $i -ge 100 ]; then
+          rm -f /tmp/freeze
+          echo "SNAPBACK-GUEST-WARN fsfreeze: not paused within 5 s:$waiting"
+          return 1
+        fi
+        usleep 50000
+        i=$((i + 1))
+      done
+      echo FSFREEZE
+      ;;
+    thaw)
+      echo FSTHAW
+      rm -f /tmp/freeze
+      ;;
+    *)
+      echo "SNAPBACK-GUEST-WARN fsfreeze-hook: unknown argument '$1'"
+      return 2
+      ;;
+  esac
+}
+# qemu-ga runs the hook in a new session (setsid). A session leader that opens
+# a tty nobody controls for reading makes it its controlling tty, and when it
+# exits the kernel hangs that tty up: the console goes dead for everyone (seen
+# with `1<>/dev/ttyS0`; a write-only open is safe). So the work runs in a
+# subshell, a child that is no session leader, whatever it opens.
+(hook "$@")
+exit $?
+HOOK
+chmod 755 "$r/etc/qemu/fsfreeze-hook"
+
 cat >"$r/init" <<'INIT'
 #!/bin/sh
 # /init of the snapback test guest; see scripts/build-guest.sh for the console
@@ -171,9 +284,10 @@ mount -t devtmpfs devtmpfs /dev
 mount -t tmpfs tmpfs /tmp
 if [ -c /dev/ttyS0 ] && (: >/dev/ttyS0) 2>/dev/null; then con=/dev/ttyS0; else con=/dev/console; fi
 exec </dev/null >"$con" 2>&1
+echo "$con" >/run/snapback-console  # for /etc/qemu/fsfreeze-hook
 
 num() { case $1 in '' | *[!0-9]*) echo "$2" ;; *) echo "$1" ;; esac; }
-records=256 workload=on disks= delay_ms=0 hb_ms=100
+records=256 workload=on disks= delay_ms=0 hb_ms=100 agent=on
 for w in $(cat /proc/cmdline); do
   case $w in
     snapback.records=*) records=$(num "${w#*=}" 256) ;;
@@ -181,8 +295,10 @@ for w in $(cat /proc/cmdline); do
     snapback.disks=*) disks=$(echo "${w#*=}" | tr , ' ') ;;
     snapback.delay_ms=*) delay_ms=$(num "${w#*=}" 0) ;;
     snapback.hb_ms=*) hb_ms=$(num "${w#*=}" 100) ;;
+    snapback.agent=*) agent=${w#*=} ;;
   esac
 done
+[ "$agent" = off ] || agent=on
 
 while read -r m; do
   insmod "/lib/modules/$m.ko" 2>/dev/null || echo "SNAPBACK-GUEST-WARN insmod $m failed"
@@ -201,12 +317,57 @@ done
 [ -z "$disks" ] && for d in /sys/block/vd*; do [ -e "$d" ] && disks="$disks ${d##*/}"; done
 disks=$(echo $disks)
 
+# the guest agent's virtio-serial port: no udev, so no /dev/virtio-ports/<name>
+# links; find the vportNpM whose name it is (the name shows up once the host has
+# sent it: wait at most 3 s when there is a virtio console device at all)
+agent_port=
+if [ "$agent" = on ]; then
+  serial=0
+  for d in /sys/bus/virtio/devices/*; do
+    [ "$(cat "$d/device" 2>/dev/null)" = 0x0003 ] && serial=1
+  done
+  i=0
+  while :; do
+    for p in /sys/class/virtio-ports/vport*; do
+      [ "$(cat "$p/name" 2>/dev/null)" = org.qemu.guest_agent.0 ] && agent_port=/dev/${p##*/}
+    done
+    if [ -n "$agent_port" ] || [ $serial = 0 ] || [ $i -ge 30 ]; then break; fi
+    usleep 100000
+    i=$((i + 1))
+  done
+fi
+
 read -r boot </proc/sys/kernel/random/boot_id
 boot=$(echo "$boot" | tr -d - | cut -c1-8)
 ports=
 for p in /sys/class/virtio-ports/*/name; do [ -f "$p" ] && ports="$ports,$(cat "$p")"; done
 echo  # the firmware's last line may lack its line end
-echo "SNAPBACK-GUEST kernel=$(uname -r) disks=$(echo $disks | tr ' ' ,) ports=${ports#,} records=$records workload=$workload"
+echo "SNAPBACK-GUEST kernel=$(uname -r) disks=$(echo $disks | tr ' ' ,) ports=${ports#,} records=$records workload=$workload agent=$agent"
+
+# qemu-ga -d returns at once: wait (at most 5 s) until the daemon holds the port
+start_agent() {
+  [ -n "$agent_port" ] || { echo "SNAPBACK-GUEST-WARN agent: no virtio-serial port org.qemu.guest_agent.0"; return; }
+  [ -c "$agent_port" ] || { echo "SNAPBACK-GUEST-WARN agent: no $agent_port"; return; }
+  if ! qemu-ga -m virtio-serial -p "$agent_port" -d -f /run/qga.pid -t /run -l /tmp/qga.log \
+    -F/etc/qemu/fsfreeze-hook; then
+    echo "SNAPBACK-GUEST-WARN agent: qemu-ga failed: $(tail -n 1 /tmp/qga.log 2>/dev/null)"
+    return
+  fi
+  i=0
+  while [ $i -lt 50 ]; do
+    pid=$(cat /run/qga.pid 2>/dev/null)
+    if [ -n "$pid" ]; then
+      for f in /proc/$pid/fd/*; do
+        [ "$(readlink "$f" 2>/dev/null)" = "$agent_port" ] && { echo "SNAPBACK-GUEST-AGENT on $agent_port"; return; }
+      done
+      [ -d "/proc/$pid" ] || break
+    fi
+    usleep 100000
+    i=$((i + 1))
+  done
+  echo "SNAPBACK-GUEST-WARN agent: qemu-ga does not serve $agent_port: $(tail -n 1 /tmp/qga.log 2>/dev/null)"
+}
+[ "$agent" = on ] && start_agent
 echo "SNAPBACK-GUEST-READY"
 
 heartbeat() {
@@ -229,8 +390,17 @@ writer() {
     sed -n 's/.*SNAPREC1 disk=[^ ]* seq=\([0-9][0-9]*\) .*/\1/p' | sort -n | tail -n 1)
   seq=$((${last:--1} + 1))
   echo "START $d $seq $k"
+  : >"/tmp/writer.$d"  # the fsfreeze hook waits for every started writer
   body=/tmp/rec.$d.body rec=/tmp/rec.$d
   while :; do
+    # fsfreeze: between two records (the last REC line is out), say so with
+    # /tmp/paused.<disk> and wait while /tmp/freeze exists; check again after
+    # removing it, as a new freeze may have come meanwhile
+    while [ -e /tmp/freeze ]; do
+      : >"/tmp/paused.$d"
+      while [ -e /tmp/freeze ]; do usleep 20000; done
+      rm -f "/tmp/paused.$d"
+    done
     slot=$((seq % k))
     hdr="SNAPREC1 disk=$d seq=$seq slot=$slot slots=$k boot=$boot"
     { echo "$hdr"; head -c $((4031 - ${#hdr})) /dev/zero; } >"$body"

@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -117,6 +119,8 @@ def assert_consistent(ctx: Context) -> None:
     assert report.problems == [], report
     staging = list(ctx.settings.staging.iterdir())
     assert staging == [], f"staging not empty: {staging}"
+    work = list(ctx.settings.work.iterdir()) if ctx.settings.work.exists() else []
+    assert work == [], f"work folder not empty: {work}"
 
 
 @pytest.fixture(scope="session")
@@ -126,3 +130,58 @@ def guest() -> Path:
     out = Path(os.environ.get("SNAPBACK_GUEST_DIR", "/var/lib/snapback/guest"))
     subprocess.run([str(ROOT / "scripts" / "build-guest.sh"), str(out)], check=True, timeout=600)
     return out
+
+
+SLOTS = 64
+
+
+@pytest.fixture
+def vm_cli(guest: Path, qemu_img_log: Path) -> Iterator[Cli]:
+    """A CLI whose state folder the qemu user can reach (pytest's tmp folders are 0700)."""
+    home = Path(tempfile.mkdtemp(prefix="snapback-home-", dir="/var/tmp"))
+    home.chmod(0o755)
+    cli = Cli(home, {"SNAPBACK_QEMU_IMG": str(qemu_img_log.with_name("qemu-img-logged"))})
+    yield cli
+    for inst in cli.json("instance", "list"):
+        cli("instance", "delete", inst["name"], check=False)
+    shutil.rmtree(home, ignore_errors=True)
+
+
+def upload_guest(
+    cli: Cli, guest: Path, tmp_path: Path, name: str = "tiny", options: str = ""
+) -> None:
+    """Kernel, initrd and an empty 16 MiB disk image that boots them (records: SLOTS)."""
+    kernel = cli.json(
+        "image", "create", "kernel", "--file", str(guest / "vmlinuz"), "--disk-format", "aki"
+    )
+    initrd = cli.json(
+        "image", "create", "initrd", "--file", str(guest / "initrd.gz"), "--disk-format", "ari"
+    )
+    disk = tmp_path / "empty.raw"
+    with open(disk, "wb") as f:
+        f.truncate(16 * MIB)
+    cli(
+        "image",
+        "create",
+        name,
+        "--file",
+        str(disk),
+        "--disk-format",
+        "raw",
+        "--property",
+        f"kernel_id={kernel['id']}",
+        "--property",
+        f"ramdisk_id={initrd['id']}",
+        "--property",
+        f"os_command_line=console=ttyS0 quiet panic=-1 snapback.records={SLOTS} {options}",
+    )
+
+
+def domain_names() -> list[str]:
+    out = subprocess.run(
+        ["virsh", "-c", "qemu:///system", "list", "--all", "--name"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    return out.split()

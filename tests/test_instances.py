@@ -2,68 +2,15 @@
 
 from __future__ import annotations
 
-import shutil
 import subprocess
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import Cli
+from tests.conftest import SLOTS, Cli, upload_guest
 from tests.guestrecords import READY_LINE, parse_console, read_image, scan, wait_console
 
 MIB = 1 << 20
-SLOTS = 64
-
-
-@pytest.fixture
-def vm_cli(guest: Path, qemu_img_log: Path) -> Iterator[Cli]:
-    """A CLI whose state folder the qemu user can reach (pytest's tmp folders are 0700)."""
-    home = Path(tempfile.mkdtemp(prefix="snapback-home-", dir="/var/tmp"))
-    home.chmod(0o755)
-    cli = Cli(home, {"SNAPBACK_QEMU_IMG": str(qemu_img_log.with_name("qemu-img-logged"))})
-    yield cli
-    for inst in cli.json("instance", "list"):
-        cli("instance", "delete", inst["name"], check=False)
-    shutil.rmtree(home, ignore_errors=True)
-
-
-def upload_guest(cli: Cli, guest: Path, tmp_path: Path) -> None:
-    kernel = cli.json(
-        "image", "create", "kernel", "--file", str(guest / "vmlinuz"), "--disk-format", "aki"
-    )
-    initrd = cli.json(
-        "image", "create", "initrd", "--file", str(guest / "initrd.gz"), "--disk-format", "ari"
-    )
-    disk = tmp_path / "empty.raw"
-    with open(disk, "wb") as f:
-        f.truncate(16 * MIB)
-    cli(
-        "image",
-        "create",
-        "tiny",
-        "--file",
-        str(disk),
-        "--disk-format",
-        "raw",
-        "--property",
-        f"kernel_id={kernel['id']}",
-        "--property",
-        f"ramdisk_id={initrd['id']}",
-        "--property",
-        f"os_command_line=console=ttyS0 quiet panic=-1 snapback.records={SLOTS}",
-    )
-
-
-def domain_names() -> list[str]:
-    out = subprocess.run(
-        ["virsh", "-c", "qemu:///system", "list", "--all", "--name"],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
-    return out.split()
 
 
 def test_instance_lifecycle(vm_cli: Cli, guest: Path, tmp_path: Path) -> None:
