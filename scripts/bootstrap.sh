@@ -15,6 +15,7 @@ packages=(
   libvirt-daemon-system libvirt-clients python3-libvirt
   ceph-mon ceph-osd ceph-common radosgw python3-rados python3-rbd
   python3-libnbd libnbd-bin
+  syslinux mtools dosfstools
   python3-venv python3-pip
 )
 

@@ -133,3 +133,38 @@ def test_instance_create_killed_at_each_step(
             if d.startswith("snapback-") and d not in {i["domain"] for i in instances}
         )
     assert cli.json("gc", "--dry-run")["debris"] == []
+
+
+def bootable_disk(guest: Path, out: Path) -> Path:
+    """A raw disk with its own boot loader: a FAT file system with SYSLINUX, kernel, initrd."""
+    subprocess.run(
+        ["mkfs.vfat", "-C", "-n", "SBBOOT", str(out), "24576"], check=True, capture_output=True
+    )
+    subprocess.run(["syslinux", "--install", str(out)], check=True, capture_output=True)
+    cfg = out.with_name("syslinux.cfg")
+    cfg.write_text(
+        "DEFAULT linux\nPROMPT 0\nTIMEOUT 0\nSERIAL 0 115200\nLABEL linux\n"
+        "  KERNEL vmlinuz\n"
+        "  APPEND initrd=initrd.gz console=ttyS0 quiet panic=-1 snapback.workload=off\n"
+    )
+    files = [str(guest / "vmlinuz"), str(guest / "initrd.gz"), str(cfg)]
+    subprocess.run(["mcopy", "-i", str(out), *files, "::"], check=True, capture_output=True)
+    return out
+
+
+def test_disk_with_its_own_boot_loader_boots(vm_cli: Cli, guest: Path, tmp_path: Path) -> None:
+    cli = vm_cli
+    disk = bootable_disk(guest, tmp_path / "boot.img")
+    img = cli.json("image", "create", "bootdisk", "--file", str(disk), "--disk-format", "raw")
+    assert "kernel_id" not in img["properties"]
+    inst = cli.json("instance", "create", "bl", "--image", "bootdisk")
+    xml = subprocess.run(
+        ["virsh", "-c", "qemu:///system", "dumpxml", inst["domain"]],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert "<kernel>" not in xml and "<boot dev='hd'/>" in xml
+    text = wait_console(Path(inst["console"]), lambda t: READY_LINE in t)
+    assert "SYSLINUX" in text  # the disk's own boot loader ran, then the guest came up
+    cli("instance", "delete", "bl")
