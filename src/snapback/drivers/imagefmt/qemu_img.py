@@ -22,6 +22,8 @@ from snapback.drivers.process import Limits, run
 
 INFO_LIMITS = Limits(address_space=1 << 30, cpu_seconds=60)
 COPY_LIMITS = Limits(address_space=2 << 30, cpu_seconds=6 * 3600)
+# librbd maps much virtual memory (thread stacks, caches): no address-space cap there
+PROTOCOL_LIMITS = Limits(address_space=None, cpu_seconds=6 * 3600)
 _PROGRESS_RE = re.compile(r"\((\d+(?:\.\d+)?)/100%\)")
 
 ProgressFn = Callable[[Progress], None]
@@ -96,6 +98,52 @@ def convert(
             progress(Progress(int(float(match.group(1)) / 100 * total), total))
 
     run(argv, limits=COPY_LIMITS, on_line=on_line if progress else None)
+
+
+def image_opts(options: dict[str, str]) -> str:
+    """A ``--image-opts`` string; commas in values are doubled as QEMU wants."""
+    return ",".join(f"{k}={str(v).replace(',', ',,')}" for k, v in options.items())
+
+
+def convert_opts(
+    src: str | dict[str, str],
+    src_fmt: str,
+    dst: str | dict[str, str],
+    dst_fmt: str,
+    *,
+    progress: ProgressFn | None = None,
+    total: int = 0,
+) -> None:
+    """Like ``convert``, where either side may be a protocol (``{'driver': 'rbd', ...}``).
+
+    A protocol source is read as ``src_fmt``; a protocol target must exist already
+    (``-n``) and is written as ``dst_fmt``. Zero ranges are skipped on the target.
+    """
+    argv = [binary(), "convert"]
+    if isinstance(src, dict):
+        argv += ["--image-opts"]
+        src_arg = image_opts({"driver": src_fmt, **{f"file.{k}": v for k, v in src.items()}})
+    else:
+        argv += ["-f", src_fmt]
+        src_arg = src
+    if isinstance(dst, dict):
+        argv += ["-n", "--target-image-opts"]
+        dst_arg = image_opts({"driver": dst_fmt, **{f"file.{k}": v for k, v in dst.items()}})
+    else:
+        argv += ["-O", dst_fmt]
+        if dst_fmt == "qcow2":
+            argv += ["-o", "cluster_size=65536"]
+        dst_arg = dst
+    if progress is not None:
+        argv.append("-p")
+    argv += [src_arg, dst_arg]
+
+    def on_line(line: str) -> None:
+        match = _PROGRESS_RE.search(line)
+        if match and progress is not None:
+            progress(Progress(int(float(match.group(1)) / 100 * total), total))
+
+    run(argv, limits=PROTOCOL_LIMITS, on_line=on_line if progress else None)
 
 
 def commit(path: str) -> None:

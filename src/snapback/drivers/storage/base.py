@@ -18,6 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Self
 
+from snapback.domain.errors import InvalidInput
 from snapback.domain.models import DiskFormat, ParentRef, Progress, SnapshotInfo, VolumeInfo
 from snapback.drivers.imagefmt.inspector import InspectedImage
 
@@ -34,11 +35,36 @@ class Debris:
 
 @dataclass(frozen=True)
 class Attachment:
-    """How a hypervisor reaches a volume: ``file`` + path for local, ``network`` for rbd."""
+    """How a hypervisor reaches a volume: ``file`` + path for local, ``network`` for rbd.
+
+    For ``network``: ``source`` is the protocol's name (rbd: ``pool[/namespace]/image``),
+    ``hosts`` the monitors as ``(address, port)``.
+    """
 
     type: str
     source: str
     format: str
+    protocol: str | None = None
+    hosts: tuple[tuple[str, int], ...] = ()
+
+
+@dataclass(frozen=True)
+class CreateOptions:
+    """Layout settings at create (RBD's; a driver without them refuses non-defaults)."""
+
+    object_size: int | None = None
+    stripe_unit: int | None = None
+    stripe_count: int | None = None
+
+    def is_default(self) -> bool:
+        return self.object_size is None and self.stripe_unit is None and self.stripe_count is None
+
+
+@dataclass(frozen=True)
+class TrashEntry:
+    id: str
+    name: str
+    deferred_until: float
 
 
 class BlockHandle(abc.ABC):
@@ -69,10 +95,14 @@ class StoragePool(abc.ABC):
 
     driver: str
     name: str
+    supports_clone_v2 = False
+    supports_trash = False
 
     # -- volumes ---------------------------------------------------------
     @abc.abstractmethod
-    def create_volume(self, name: str, size: int) -> VolumeInfo:
+    def create_volume(
+        self, name: str, size: int, options: CreateOptions | None = None
+    ) -> VolumeInfo:
         """Create a thin volume of ``size`` bytes; Conflict if the name exists."""
 
     @abc.abstractmethod
@@ -154,8 +184,15 @@ class StoragePool(abc.ABC):
 
     # -- clones ----------------------------------------------------------
     @abc.abstractmethod
-    def clone(self, volume: str, snapshot: str, child_pool: StoragePool, child: str) -> VolumeInfo:
-        """Create ``child`` in ``child_pool`` as a copy-on-write clone of a protected snapshot."""
+    def clone(
+        self, volume: str, snapshot: str, child_pool: StoragePool, child: str, *, v2: bool = False
+    ) -> VolumeInfo:
+        """Create ``child`` in ``child_pool`` as a copy-on-write clone of a snapshot.
+
+        v1 (default): the snapshot must be protected (InvalidInput otherwise).
+        v2 (``supports_clone_v2``): no protection needed; removing the snapshot
+        keeps it hidden until its last clone goes.
+        """
 
     @abc.abstractmethod
     def children(self, volume: str, snapshot: str) -> list[str]:
@@ -167,6 +204,25 @@ class StoragePool(abc.ABC):
     @abc.abstractmethod
     def flatten(self, volume: str, progress: ProgressFn | None = None) -> None:
         """Copy the parent's data into a clone so it no longer depends on it."""
+
+    # -- deferred deletion and change tracking (optional) ----------------
+    def trash_volume(self, name: str, delay: int) -> None:
+        """Move a volume to the pool's trash, removable after ``delay`` seconds."""
+        raise InvalidInput(f"pool {self.name} ({self.driver}) has no trash")
+
+    def empty_trash(self, *, expired_only: bool = True) -> list[str]:
+        """Remove trashed volumes (expired ones only by default); what was removed."""
+        return []
+
+    def trash(self) -> list[TrashEntry]:
+        return []
+
+    def changed_extents(
+        self, volume: str, snapshot: str, since: str | None
+    ) -> list[tuple[int, int, bool]]:
+        """Extents of ``snapshot`` that differ from ``since`` (None: allocated ones):
+        (offset, length, holds data)."""
+        raise InvalidInput(f"pool {self.name} ({self.driver}) does not track changes")
 
     # -- housekeeping ----------------------------------------------------
     @abc.abstractmethod

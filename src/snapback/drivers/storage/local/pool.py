@@ -21,7 +21,14 @@ from snapback.domain.models import DiskFormat, ParentRef, SnapshotInfo, VolumeIn
 from snapback.domain.names import validate_name
 from snapback.drivers.imagefmt import qemu_img
 from snapback.drivers.imagefmt.inspector import InspectedImage
-from snapback.drivers.storage.base import Attachment, BlockHandle, Debris, ProgressFn, StoragePool
+from snapback.drivers.storage.base import (
+    Attachment,
+    BlockHandle,
+    CreateOptions,
+    Debris,
+    ProgressFn,
+    StoragePool,
+)
 from snapback.drivers.storage.local import layers
 from snapback.drivers.storage.local.meta import (
     LOCK,
@@ -98,7 +105,11 @@ class LocalPool(StoragePool):
         return None
 
     # -- volumes ---------------------------------------------------------
-    def create_volume(self, name: str, size: int) -> VolumeInfo:
+    def create_volume(
+        self, name: str, size: int, options: CreateOptions | None = None
+    ) -> VolumeInfo:
+        if options is not None and not options.is_default():
+            raise InvalidInput("local pools have no object size or striping settings")
         with self.meta_lock():
             vdir = self._reserve(name)
             with _undo_reserve(vdir):
@@ -304,7 +315,11 @@ class LocalPool(StoragePool):
             self.save(meta)
 
     # -- clones ----------------------------------------------------------
-    def clone(self, volume: str, snapshot: str, child_pool: StoragePool, child: str) -> VolumeInfo:
+    def clone(
+        self, volume: str, snapshot: str, child_pool: StoragePool, child: str, *, v2: bool = False
+    ) -> VolumeInfo:
+        if v2:
+            raise InvalidInput("local pools clone protected snapshots only (no clone v2)")
         if not isinstance(child_pool, LocalPool) or child_pool.root != self.root:
             raise InvalidInput(
                 "a local volume can only be cloned into a local pool of the same root"

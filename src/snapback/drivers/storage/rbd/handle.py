@@ -1,0 +1,41 @@
+"""Byte access to an RBD image (or one of its snapshots) through librbd."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from snapback.drivers.storage.base import BlockHandle
+from snapback.drivers.storage.rbd.cluster import translated
+
+MAX_REQUEST = 64 << 20
+
+
+class RbdHandle(BlockHandle):
+    def __init__(self, image: Any, what: str) -> None:
+        self._img, self._what = image, what
+        with translated(what):
+            self._size = int(image.size())
+
+    @property
+    def size(self) -> int:
+        return self._size
+
+    def read(self, offset: int, length: int) -> bytes:
+        out = bytearray()
+        with translated(self._what):
+            for off in range(offset, offset + length, MAX_REQUEST):
+                n = min(MAX_REQUEST, offset + length - off)
+                out += self._img.read(off, n)
+        return bytes(out)
+
+    def write(self, offset: int, data: bytes) -> None:
+        view = memoryview(data)
+        with translated(self._what):
+            for pos in range(0, len(data), MAX_REQUEST):
+                chunk = bytes(view[pos : pos + MAX_REQUEST])
+                written = self._img.write(chunk, offset + pos)
+                if written != len(chunk):
+                    raise OSError(f"short write to {self._what}")
+
+    def close(self) -> None:
+        self._img.close()

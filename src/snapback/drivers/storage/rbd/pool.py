@@ -1,0 +1,503 @@
+"""The ``rbd`` pool driver: volumes are RBD images in one RADOS pool (and namespace).
+
+Everything the StoragePool port names is native here: thin images with their
+own layout (object size, striping), snapshots, protection, clone v1 (from a
+protected snapshot) and v2 (no protection; a removed parent snapshot waits in
+the trash namespace until its last clone goes), flatten, children across
+pools and namespaces, the trash with an expiry, and ``diff_iterate``.
+
+A snapback pool maps to ``(rados pool, namespace)``; ``labels`` turns another
+RBD location into the name of the snapback pool that serves it, so parents and
+children read ``pool/volume`` like everywhere else.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from snapback.domain.errors import Conflict, HasDependents, InvalidInput, NotFound
+from snapback.domain.models import DiskFormat, ParentRef, Progress, SnapshotInfo, VolumeInfo
+from snapback.domain.names import validate_name
+from snapback.drivers.imagefmt import qemu_img
+from snapback.drivers.imagefmt.inspector import InspectedImage
+from snapback.drivers.storage.base import (
+    Attachment,
+    BlockHandle,
+    CreateOptions,
+    Debris,
+    ProgressFn,
+    StoragePool,
+    TrashEntry,
+)
+from snapback.drivers.storage.rbd.cluster import bindings, cluster, translated
+from snapback.drivers.storage.rbd.handle import RbdHandle
+
+LabelFn = Callable[[str, str], str | None]  # (rados pool, namespace) -> snapback pool
+IMPORT_SUFFIX = ".importing"
+
+
+class RbdPool(StoragePool):
+    driver = "rbd"
+    supports_clone_v2 = True
+    supports_trash = True
+
+    def __init__(
+        self,
+        name: str,
+        *,
+        conffile: str,
+        rados_pool: str | None = None,
+        namespace: str = "",
+        labels: LabelFn | None = None,
+    ) -> None:
+        self.name = validate_name(name, "pool name")
+        self.conffile = conffile
+        self.rados_pool = rados_pool or name
+        self.namespace = namespace
+        self._labels = labels
+        self._ioctx: Any = None
+
+    # -- plumbing ----------------------------------------------------------------
+    @property
+    def where(self) -> str:
+        ns = f"/{self.namespace}" if self.namespace else ""
+        return f"{self.rados_pool}{ns}"
+
+    def ioctx(self) -> Any:
+        if self._ioctx is None:
+            with translated(f"rados pool {self.rados_pool}"):
+                io = cluster(self.conffile).open_ioctx(self.rados_pool)
+                io.set_namespace(self.namespace)
+            self._ioctx = io
+        return self._ioctx
+
+    def label(self, rados_pool: str, namespace: str) -> str:
+        if (rados_pool, namespace) == (self.rados_pool, self.namespace):
+            return self.name
+        found = self._labels(rados_pool, namespace) if self._labels else None
+        if found:
+            return found
+        return f"{rados_pool}/{namespace}" if namespace else rados_pool
+
+    def _spec(self, volume: str, snapshot: str | None = None) -> str:
+        snap = f"@{snapshot}" if snapshot else ""
+        return f"rbd {self.where}/{volume}{snap}"
+
+    @contextlib.contextmanager
+    def image(
+        self, volume: str, *, snapshot: str | None = None, read_only: bool = False
+    ) -> Iterator[Any]:
+        validate_name(volume, "volume name")
+        if snapshot is not None:
+            validate_name(snapshot, "snapshot name")
+        _, rbd = bindings()
+        with translated(self._spec(volume, snapshot)):
+            img = rbd.Image(self.ioctx(), volume, snapshot=snapshot, read_only=read_only)
+        try:
+            with translated(self._spec(volume, snapshot)):
+                yield img
+        finally:
+            img.close()
+
+    # -- volumes -------------------------------------------------------------------
+    def create_volume(
+        self, name: str, size: int, options: CreateOptions | None = None
+    ) -> VolumeInfo:
+        validate_name(name, "volume name")
+        opts = options or CreateOptions()
+        _, rbd = bindings()
+        order = None
+        if opts.object_size is not None:
+            order = opts.object_size.bit_length() - 1
+            if 1 << order != opts.object_size or not 12 <= order <= 25:
+                raise InvalidInput("object size must be a power of two from 4 KiB to 32 MiB")
+        with translated(self._spec(name)):
+            rbd.RBD().create(
+                self.ioctx(),
+                name,
+                size,
+                order=order,
+                old_format=False,
+                features=_features(rbd),
+                stripe_unit=opts.stripe_unit,
+                stripe_count=opts.stripe_count,
+            )
+        return self.volume_info(name)
+
+    def volume_info(self, name: str) -> VolumeInfo:
+        with self.image(name, read_only=True) as img:
+            size = int(img.size())
+            used = 0
+
+            def count(_offset: int, length: int, exists: bool) -> None:
+                nonlocal used
+                used += length if exists else 0
+
+            img.diff_iterate(0, size, None, count, include_parent=False)
+            return VolumeInfo(name=name, size=size, allocated=used, parent=self._parent(img))
+
+    def layout(self, name: str) -> CreateOptions:
+        with self.image(name, read_only=True) as img:
+            return CreateOptions(
+                object_size=1 << int(img.stat()["order"]),
+                stripe_unit=int(img.stripe_unit()),
+                stripe_count=int(img.stripe_count()),
+            )
+
+    def _parent(self, img: Any) -> ParentRef | None:
+        _, rbd = bindings()
+        try:
+            spec = img.get_parent_image_spec()
+        except rbd.ImageNotFound:
+            return None
+        pool = self.label(spec["pool_name"], spec.get("pool_namespace", ""))
+        return ParentRef(pool, spec["image_name"], spec["snap_name"])
+
+    def list_volumes(self) -> list[str]:
+        _, rbd = bindings()
+        with translated(f"rados pool {self.where}"):
+            return sorted(n for n in rbd.RBD().list(self.ioctx()) if not n.endswith(IMPORT_SUFFIX))
+
+    def resize_volume(self, name: str, size: int, *, allow_shrink: bool = False) -> VolumeInfo:
+        with self.image(name) as img:
+            if size < img.size() and not allow_shrink:
+                raise InvalidInput(
+                    f"shrinking {self.name}/{name} from {img.size()} to {size} bytes loses the "
+                    "data past the new end; pass --allow-shrink to do it anyway"
+                )
+            img.resize(size, allow_shrink=allow_shrink)
+        return self.volume_info(name)
+
+    def delete_volume(self, name: str) -> None:
+        self._check_deletable(name)
+        _, rbd = bindings()
+        with self.image(name) as img:
+            for snap in self._user_snaps(img):
+                img.remove_snap(snap["name"])
+        with translated(self._spec(name)):
+            rbd.RBD().remove(self.ioctx(), name)
+
+    def _check_deletable(self, name: str) -> None:
+        snaps = self.list_snapshots(name)
+        clones = sorted(c for s in snaps for c in s.children)
+        if clones:
+            raise HasDependents(f"volume {self.name}/{name} has snapshots with clones", clones)
+        protected = [f"{name}@{s.name}" for s in snaps if s.protected]
+        if protected:
+            raise HasDependents(
+                f"volume {self.name}/{name} has protected snapshots; unprotect them first",
+                protected,
+            )
+
+    def _target(self, name: str, snapshot: str | None = None) -> dict[str, str]:
+        """qemu-img's view of an image: the rbd protocol's options."""
+        opts = {"driver": "rbd", "pool": self.rados_pool, "image": name, "conf": self.conffile}
+        if self.namespace:
+            opts["namespace"] = self.namespace
+        if snapshot:
+            opts["snapshot"] = snapshot
+        return opts
+
+    def import_volume(
+        self,
+        name: str,
+        source: str,
+        image: InspectedImage,
+        progress: ProgressFn | None = None,
+        *,
+        consume: bool = False,
+    ) -> VolumeInfo:
+        """Write the file into a new image; made under a temporary name, renamed when whole."""
+        validate_name(name, "volume name")
+        if name in self.list_volumes():
+            raise Conflict(f"volume {self.name}/{name} already exists")
+        temp = name + IMPORT_SUFFIX
+        _, rbd = bindings()
+        self.create_volume(temp, image.virtual_size)
+        try:
+            qemu_img.convert_opts(
+                source,
+                image.format.value,
+                self._target(temp),
+                "raw",
+                progress=progress,
+                total=image.virtual_size,
+            )
+            with translated(self._spec(name)):
+                rbd.RBD().rename(self.ioctx(), temp, name)
+        except Exception:
+            with contextlib.suppress(Exception), translated(self._spec(temp)):
+                rbd.RBD().remove(self.ioctx(), temp)
+            raise
+        return self.volume_info(name)
+
+    def export_volume(
+        self,
+        name: str,
+        dest: str,
+        fmt: DiskFormat,
+        *,
+        snapshot: str | None = None,
+        progress: ProgressFn | None = None,
+    ) -> None:
+        import os
+
+        if os.path.lexists(dest):
+            raise Conflict(f"{dest} already exists; refusing to overwrite it")
+        with self.image(name, snapshot=snapshot, read_only=True) as img:
+            size = int(img.size())
+        part = dest + ".part"
+        try:
+            qemu_img.convert_opts(
+                self._target(name, snapshot), "raw", part, fmt.value, progress=progress, total=size
+            )
+            os.replace(part, dest)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(part)
+
+    def open(self, name: str, *, snapshot: str | None = None) -> BlockHandle:
+        validate_name(name, "volume name")
+        _, rbd = bindings()
+        with translated(self._spec(name, snapshot)):
+            img = rbd.Image(self.ioctx(), name, snapshot=snapshot, read_only=snapshot is not None)
+        return RbdHandle(img, self._spec(name, snapshot))
+
+    def attachment(self, name: str) -> Attachment:
+        with self.image(name, read_only=True):
+            pass  # exists
+        return Attachment(
+            "network", f"{self.where}/{name}", "raw", protocol="rbd", hosts=self._monitors()
+        )
+
+    def _monitors(self) -> tuple[tuple[str, int], ...]:
+        raw = str(cluster(self.conffile).conf_get("mon_host") or "")
+        hosts = []
+        for item in raw.replace("[", " ").replace("]", " ").replace(",", " ").split():
+            addr = item.split(":", 1)[1] if item.startswith(("v1:", "v2:")) else item
+            host, _, port = addr.rpartition(":")
+            if host and port.isdigit():
+                hosts.append((host, int(port)))
+        return tuple(dict.fromkeys(hosts))
+
+    # -- snapshots -------------------------------------------------------------------
+    @staticmethod
+    def _user_snaps(img: Any) -> list[dict[str, Any]]:
+        _, rbd = bindings()
+        return [
+            s
+            for s in img.list_snaps()
+            if s.get("namespace", rbd.RBD_SNAP_NAMESPACE_TYPE_USER)
+            == rbd.RBD_SNAP_NAMESPACE_TYPE_USER
+        ]
+
+    def _has_snap(self, img: Any, volume: str, snapshot: str) -> dict[str, Any]:
+        validate_name(snapshot, "snapshot name")
+        for s in self._user_snaps(img):
+            if s["name"] == snapshot:
+                return s
+        raise NotFound(f"snapshot {self.name}/{volume}@{snapshot} does not exist")
+
+    def create_snapshot(self, volume: str, snapshot: str) -> SnapshotInfo:
+        validate_name(snapshot, "snapshot name")
+        with self.image(volume) as img:
+            if any(s["name"] == snapshot for s in self._user_snaps(img)):
+                raise Conflict(f"snapshot {self.name}/{volume}@{snapshot} already exists")
+            img.create_snap(snapshot)
+        return self._snapshot_info(volume, snapshot)
+
+    def _snapshot_info(self, volume: str, snapshot: str) -> SnapshotInfo:
+        with self.image(volume, read_only=True) as img:
+            snap = self._has_snap(img, volume, snapshot)
+            created = img.get_snap_timestamp(snap["id"])
+            return SnapshotInfo(
+                name=snapshot,
+                size=int(snap["size"]),
+                protected=bool(img.is_protected_snap(snapshot)),
+                created_at=created.timestamp() if created else 0.0,
+                children=tuple(self.children(volume, snapshot)),
+            )
+
+    def list_snapshots(self, volume: str) -> list[SnapshotInfo]:
+        with self.image(volume, read_only=True) as img:
+            names = [s["name"] for s in self._user_snaps(img)]
+        return [self._snapshot_info(volume, n) for n in names]
+
+    def rollback_snapshot(self, volume: str, snapshot: str) -> None:
+        with self.image(volume) as img:
+            self._has_snap(img, volume, snapshot)
+            img.rollback_to_snap(snapshot)
+
+    def delete_snapshot(self, volume: str, snapshot: str) -> None:
+        with self.image(volume) as img:
+            self._has_snap(img, volume, snapshot)
+            if img.is_protected_snap(snapshot):
+                raise HasDependents(
+                    f"snapshot {self.name}/{volume}@{snapshot} is protected; unprotect it first",
+                    [f"{volume}@{snapshot}"],
+                )
+            img.remove_snap(snapshot)  # with v2 clones it waits in the trash namespace
+
+    def protect_snapshot(self, volume: str, snapshot: str) -> None:
+        with self.image(volume) as img:
+            self._has_snap(img, volume, snapshot)
+            if not img.is_protected_snap(snapshot):
+                img.protect_snap(snapshot)
+
+    def unprotect_snapshot(self, volume: str, snapshot: str) -> None:
+        clones = self.children(volume, snapshot)
+        if clones:
+            raise HasDependents(
+                f"snapshot {self.name}/{volume}@{snapshot} has clones; flatten or delete them",
+                clones,
+            )
+        with self.image(volume) as img:
+            self._has_snap(img, volume, snapshot)
+            if img.is_protected_snap(snapshot):
+                img.unprotect_snap(snapshot)
+
+    # -- clones -----------------------------------------------------------------------
+    def clone(
+        self, volume: str, snapshot: str, child_pool: StoragePool, child: str, *, v2: bool = False
+    ) -> VolumeInfo:
+        if not isinstance(child_pool, RbdPool) or child_pool.conffile != self.conffile:
+            raise InvalidInput("an rbd volume can only be cloned into an rbd pool of its cluster")
+        validate_name(child, "volume name")
+        _, rbd = bindings()
+        with self.image(volume, read_only=True) as img:
+            self._has_snap(img, volume, snapshot)
+            protected = bool(img.is_protected_snap(snapshot))
+        if not protected and not v2:
+            raise InvalidInput(
+                f"snapshot {volume}@{snapshot} is not protected; protect it before cloning "
+                "(or make a clone v2)"
+            )
+        handle = cluster(self.conffile)
+        key = "rbd_default_clone_format"
+        with _conf(handle, key, "2" if v2 else "1"), translated(child_pool._spec(child)):
+            rbd.RBD().clone(
+                self.ioctx(),
+                volume,
+                snapshot,
+                child_pool.ioctx(),
+                child,
+                features=_features(rbd),
+            )
+        return child_pool.volume_info(child)
+
+    def children(self, volume: str, snapshot: str) -> list[str]:
+        with self.image(volume, snapshot=snapshot, read_only=True) as img:
+            kids = img.list_children2()
+        return sorted(
+            f"{self.label(k['pool'], k.get('pool_namespace', ''))}/{k['image']}" for k in kids
+        )
+
+    def parent(self, volume: str) -> ParentRef | None:
+        with self.image(volume, read_only=True) as img:
+            return self._parent(img)
+
+    def flatten(self, volume: str, progress: ProgressFn | None = None) -> None:
+        with self.image(volume) as img:
+            if self._parent(img) is None:
+                raise InvalidInput(f"volume {self.name}/{volume} has no parent; nothing to flatten")
+
+            def report(done: int, total: int) -> int:
+                if progress is not None:
+                    progress(Progress(done, total))
+                return 0
+
+            img.flatten(on_progress=report)
+
+    # -- trash and change tracking -------------------------------------------------------
+    def trash_volume(self, name: str, delay: int) -> None:
+        _, rbd = bindings()
+        with translated(self._spec(name)):
+            rbd.RBD().trash_move(self.ioctx(), name, delay)
+
+    def trash(self) -> list[TrashEntry]:
+        _, rbd = bindings()
+        with translated(f"trash of {self.where}"):
+            entries = list(rbd.RBD().trash_list(self.ioctx()))
+        return [
+            TrashEntry(e["id"], e["name"], e["deferment_end_time"].timestamp()) for e in entries
+        ]
+
+    def empty_trash(self, *, expired_only: bool = True) -> list[str]:
+        _, rbd = bindings()
+        done = []
+        now = time.time()
+        for entry in self.trash():
+            if expired_only and entry.deferred_until > now:
+                continue
+            try:
+                with translated(f"trashed image {self.where}/{entry.name}"):
+                    rbd.RBD().trash_remove(self.ioctx(), entry.id, force=not expired_only)
+            except (Conflict, HasDependents):
+                continue  # still has clones: it waits
+            done.append(f"{self.name}/{entry.name}")
+        return done
+
+    def changed_extents(
+        self, volume: str, snapshot: str, since: str | None
+    ) -> list[tuple[int, int, bool]]:
+        extents: list[tuple[int, int, bool]] = []
+        with self.image(volume, snapshot=snapshot, read_only=True) as img:
+            if since is not None:
+                self._has_snap(img, volume, since)
+
+            def add(offset: int, length: int, exists: bool) -> None:
+                extents.append((offset, length, bool(exists)))
+
+            img.diff_iterate(0, int(img.size()), since, add, include_parent=True)
+        return extents
+
+    # -- housekeeping -----------------------------------------------------------------------
+    def find_debris(self) -> list[Debris]:
+        _, rbd = bindings()
+        with translated(f"rados pool {self.where}"):
+            names = rbd.RBD().list(self.ioctx())
+        return [
+            Debris(f"{self.where}/{n}", "half-imported image (import interrupted)")
+            for n in names
+            if n.endswith(IMPORT_SUFFIX)
+        ]
+
+    def remove_debris(self, item: Debris) -> None:
+        _, rbd = bindings()
+        name = item.path.rsplit("/", 1)[1]
+        if not name.endswith(IMPORT_SUFFIX):
+            raise InvalidInput(f"{item.path} is not debris of this driver")
+        with self.image(name) as img:
+            for snap in self._user_snaps(img):
+                img.remove_snap(snap["name"])
+        with translated(item.path):
+            rbd.RBD().remove(self.ioctx(), name)
+
+    def recover(self) -> list[str]:
+        return []  # every librbd call is atomic; half imports are debris
+
+
+def _features(rbd: Any) -> int:
+    """layering (clones), exclusive-lock + object-map + fast-diff (cheap diffs and du),
+    deep-flatten (flatten also frees the clone's snapshots from the parent)."""
+    return int(
+        rbd.RBD_FEATURE_LAYERING
+        | rbd.RBD_FEATURE_EXCLUSIVE_LOCK
+        | rbd.RBD_FEATURE_OBJECT_MAP
+        | rbd.RBD_FEATURE_FAST_DIFF
+        | rbd.RBD_FEATURE_DEEP_FLATTEN
+    )
+
+
+@contextlib.contextmanager
+def _conf(handle: Any, key: str, value: str) -> Iterator[None]:
+    """Set a client option for one call (clone format is chosen this way in librbd)."""
+    old = handle.conf_get(key)
+    handle.conf_set(key, value)
+    try:
+        yield
+    finally:
+        handle.conf_set(key, old)
