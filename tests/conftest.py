@@ -22,6 +22,8 @@ from snapback.config import load_settings
 from snapback.services.context import Context
 from snapback.services.gc import GcService
 
+pytest_plugins = ["tests.ceph_fixture"]
+
 ROOT = Path(__file__).resolve().parent.parent
 SNAPBACK = str(Path(sys.executable).with_name("snapback"))
 MIB = 1 << 20

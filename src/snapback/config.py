@@ -15,6 +15,12 @@ Defaults are embedded so snapback runs with no configuration at all:
     [pools.fast]
     driver = "local"
     path = "/srv/fast"
+
+    [pools.images]            # glance, nova and cinder on Ceph, as in the seed
+    driver = "rbd"
+    conf = "/etc/ceph/ceph.conf"
+    pool = "images"           # the RADOS pool (default: the pool's name)
+    namespace = ""            # optional RBD namespace
 """
 
 from __future__ import annotations
@@ -35,8 +41,11 @@ IMAGE_POOL = "images"
 @dataclass(frozen=True)
 class PoolConfig:
     name: str
-    driver: str
-    path: Path
+    driver: str  # local | rbd
+    path: Path  # local: the root folder
+    conf: str | None = None  # rbd: the cluster's ceph.conf
+    rados_pool: str | None = None  # rbd: the RADOS pool (default: the pool's name)
+    namespace: str = ""  # rbd: an RBD namespace inside the RADOS pool
 
 
 @dataclass(frozen=True)
@@ -85,9 +94,7 @@ def load_settings(home: str | os.PathLike[str] | None = None) -> Settings:
             if not isinstance(spec, dict):
                 raise InvalidInput(f"{cfg_file}: [pools.{name}] must be a table")
             validate_name(name, "pool name")
-            pools[name] = PoolConfig(
-                name, str(spec.get("driver", "local")), Path(str(spec.get("path", local_root)))
-            )
+            pools[name] = _pool_config(cfg_file, name, spec, local_root)
     lv = data.get("libvirt", {})
     uri = os.environ.get("SNAPBACK_LIBVIRT_URI") or (
         lv.get("uri") if isinstance(lv, dict) else None
@@ -95,3 +102,24 @@ def load_settings(home: str | os.PathLike[str] | None = None) -> Settings:
     return Settings(
         home=base, catalog_url=str(url), pools=pools, libvirt_uri=str(uri or "qemu:///system")
     )
+
+
+def _pool_config(
+    cfg_file: Path, name: str, spec: dict[str, object], local_root: Path
+) -> PoolConfig:
+    driver = str(spec.get("driver", "local"))
+    if driver == "local":
+        return PoolConfig(name, driver, Path(str(spec.get("path", local_root))))
+    if driver == "rbd":
+        conf = spec.get("conf")
+        if not conf:
+            raise InvalidInput(f"{cfg_file}: [pools.{name}] (rbd) needs conf = path of ceph.conf")
+        return PoolConfig(
+            name,
+            driver,
+            local_root,
+            conf=str(conf),
+            rados_pool=str(spec.get("pool", name)),
+            namespace=str(spec.get("namespace", "")),
+        )
+    raise InvalidInput(f"{cfg_file}: [pools.{name}] has unknown driver {driver!r} (local, rbd)")

@@ -147,3 +147,17 @@ def delete(image_ref: str, fmt: str) -> None:
     """Delete an image; deferred (finished by gc) while clones of it exist."""
     result = service().delete(image_ref)
     emit(fmt, {"image": image_ref, "result": result}, lambda r: f"{image_ref}: {result}")
+
+
+@image.command("flatten")
+@click.argument("image_ref", metavar="IMAGE")
+@FORMAT_OPTION
+def flatten(image_ref: str, fmt: str) -> None:
+    """Finish a background flatten: copy the parent's data in, drop the source snapshot."""
+    from snapback.services.image_create_rbd import finish_flatten
+
+    svc = service()
+    img = svc.show(image_ref)
+    with progress_bar("flatten", fmt) as bar:
+        result = finish_flatten(svc.ctx, img.id, bar)
+    emit(fmt, {"image": img.id, "result": result}, lambda r: f"{img.name}: {result}")

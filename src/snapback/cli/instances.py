@@ -9,6 +9,7 @@ from snapback.cli.main import context
 from snapback.cli.output import FORMAT_OPTION, emit, fields, table
 from snapback.cli.volumes import progress_bar
 from snapback.services.image_create import MODES, QUIESCE, ImageCreateService
+from snapback.services.image_create_rbd import FLATTEN
 from snapback.services.images import parse_properties
 from snapback.services.instances import InstanceService
 from snapback.services.views import InstanceView
@@ -158,7 +159,9 @@ def detach(name: str, volume: str, fmt: str) -> None:
     default="auto",
     show_default=True,
     help="cold: save the guest, copy, resume. live: block copy while it runs. "
-    "auto: live when libvirt/QEMU allow it and the instance runs, else cold.",
+    "direct: RBD snapshot, clone, flatten (root disk and images on one Ceph cluster). "
+    "auto: direct on RBD, else live when libvirt/QEMU allow it and the instance runs, "
+    "else cold.",
 )
 @click.option(
     "--quiesce",
@@ -168,10 +171,24 @@ def detach(name: str, volume: str, fmt: str) -> None:
     help="Freeze the guest's file systems through its agent: auto (when an agent "
     "answers; else the image is crash-consistent), required (fail without agent), off.",
 )
+@click.option(
+    "--flatten",
+    type=click.Choice(FLATTEN),
+    default="now",
+    show_default=True,
+    help="Direct flow (RBD): flatten the image's clone now, in a background job "
+    "(usable at once), or never (it keeps depending on the instance's disk).",
+)
 @click.option("--property", "props", multiple=True, metavar="KEY=VALUE")
 @FORMAT_OPTION
 def image_create(
-    name: str, image_name: str, mode: str, quiesce: str, props: tuple[str, ...], fmt: str
+    name: str,
+    image_name: str,
+    mode: str,
+    quiesce: str,
+    flatten: str,
+    props: tuple[str, ...],
+    fmt: str,
 ) -> None:
     """Make a new, independent image from the root disk of instance NAME (nova's snapshot)."""
     ctx = context(click.get_current_context())
@@ -181,6 +198,7 @@ def image_create(
             image_name,
             mode=mode,
             quiesce=quiesce,
+            flatten=flatten,
             properties=parse_properties(list(props)),
             progress=bar,
         )

@@ -51,10 +51,29 @@ class Context:
             if cfg is None:
                 known = ", ".join(sorted(self.settings.pools))
                 raise NotFound(f"pool {name!r} is not configured (known pools: {known})")
-            if cfg.driver != "local":
+            if cfg.driver == "rbd":
+                from snapback.drivers.storage.rbd import RbdPool
+
+                assert cfg.conf is not None
+                self._pools[name] = RbdPool(
+                    name,
+                    conffile=cfg.conf,
+                    rados_pool=cfg.rados_pool,
+                    namespace=cfg.namespace,
+                    labels=self._rbd_label,
+                )
+            elif cfg.driver == "local":
+                self._pools[name] = LocalPool(cfg.path, name)
+            else:
                 raise InvalidInput(f"pool {name!r}: unknown driver {cfg.driver!r}")
-            self._pools[name] = LocalPool(cfg.path, name)
         return self._pools[name]
+
+    def _rbd_label(self, rados_pool: str, namespace: str) -> str | None:
+        """The configured rbd pool serving ``rados_pool``/``namespace``, if any."""
+        for cfg in self.settings.pools.values():
+            if cfg.driver == "rbd" and (cfg.rados_pool, cfg.namespace) == (rados_pool, namespace):
+                return cfg.name
+        return None
 
     def lock(
         self, key: str, *, timeout: float | None = 60.0

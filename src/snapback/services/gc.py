@@ -14,7 +14,7 @@ from functools import partial
 
 from sqlalchemy import select
 
-from snapback.catalog.models import Image, Operation, Snapshot, Volume
+from snapback.catalog.models import Image, ImageProperty, Operation, Snapshot, Volume
 from snapback.domain.errors import Busy, HasDependents, NotFound, SnapbackError
 from snapback.domain.models import (
     ImageStatus,
@@ -25,6 +25,12 @@ from snapback.domain.models import (
 from snapback.services import image_create_recovery, images, instances, journal, volumes
 from snapback.services.catalog_queries import clones_of, volume_label
 from snapback.services.context import Context
+from snapback.services.image_create_rbd import (
+    SOURCE_PROP,
+    drop_snapshot,
+    finish_flatten,
+    release_source_snapshot,
+)
 from snapback.services.snapshots import SnapshotService
 from snapback.services.views import GcReport
 from snapback.services.volumes import VolumeService
@@ -50,9 +56,66 @@ class GcService:
         if not dry_run:
             for name in self.ctx.settings.pools:
                 report.recovered.extend(self.ctx.pool(name).recover())
+        self._flattens(report, dry_run)
+        self._release_sources(report, dry_run)
         self._deferred(report, dry_run)
+        self._release_sources(report, dry_run)
+        self._trash(report, dry_run)
         self._orphans(report, dry_run)
         return report
+
+    # -- direct-flow images: background flattens, source snapshots, RBD trash -------
+    def _flattens(self, report: GcReport, dry_run: bool) -> None:
+        with self.ctx.sessions() as s:
+            pending = s.scalars(
+                select(ImageProperty.image_id).where(
+                    ImageProperty.key == "snapback.flatten",
+                    ImageProperty.value.in_(("background", "running")),
+                )
+            ).all()
+        for image_id in pending:
+            if dry_run:
+                report.deleted.append(f"would flatten image {image_id}")
+                continue
+            try:
+                finish_flatten(self.ctx, image_id)
+                report.recovered.append(f"flattened image {image_id}")
+            except Busy:
+                report.waiting.append(f"image {image_id} is being flattened by its job")
+
+    def _release_sources(self, report: GcReport, dry_run: bool) -> None:
+        with self.ctx.sessions() as s:
+            rows = s.execute(
+                select(ImageProperty.image_id, ImageProperty.value)
+                .join(Image, Image.id == ImageProperty.image_id)
+                .where(
+                    ImageProperty.key == SOURCE_PROP,
+                    Image.status.in_((ImageStatus.DELETED, ImageStatus.KILLED)),
+                )
+            ).all()
+            live = [
+                image_id
+                for image_id, snap_id in rows
+                if (snap := s.get(Snapshot, snap_id)) is not None
+                and snap.status != SnapshotStatus.DELETED
+            ]
+        for image_id in live:
+            if dry_run:
+                report.deleted.append(f"would release the source snapshot of image {image_id}")
+            elif release_source_snapshot(self.ctx, image_id):
+                report.deleted.append(f"released the source snapshot of image {image_id}")
+
+    def _trash(self, report: GcReport, dry_run: bool) -> None:
+        for name in self.ctx.settings.pools:
+            driver = self.ctx.pool(name)
+            if not driver.supports_trash:
+                continue
+            if dry_run:
+                report.waiting.extend(
+                    f"trash {name}/{e.name} until {e.deferred_until:.0f}" for e in driver.trash()
+                )
+                continue
+            report.deleted.extend(f"emptied trash: {x}" for x in driver.empty_trash())
 
     # -- deferred deletions ---------------------------------------------
     def _deferred(self, report: GcReport, dry_run: bool) -> None:
@@ -183,7 +246,7 @@ class GcService:
                             dry_run,
                             f"{pool_name}/{storage}@{snap.name}",
                             "snapshot no catalogue entry explains",
-                            partial(driver.delete_snapshot, storage, snap.name),
+                            partial(drop_snapshot, driver, storage, snap.name),
                         )
             for item in driver.find_debris():
                 self._orphan(

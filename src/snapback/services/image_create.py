@@ -37,6 +37,7 @@ from snapback.drivers.hypervisor import snapshot_ops as ops
 from snapback.drivers.hypervisor.libvirt_driver import DomainState
 from snapback.drivers.imagefmt import qemu_img
 from snapback.drivers.storage.base import ProgressFn
+from snapback.services import image_create_rbd as rbd_flow
 from snapback.services import journal
 from snapback.services.context import Context
 from snapback.services.image_create_recovery import KIND, THAW_WAIT_S, recover
@@ -45,7 +46,7 @@ from snapback.services.instances import InstanceService
 from snapback.services.views import ImageView
 from snapback.services.volumes import volume_lock
 
-MODES = ("auto", "cold", "live")
+MODES = ("auto", "cold", "live", "direct")
 QUIESCE = ("auto", "required", "off")
 READY_TIMEOUT_S = 3600.0
 # base-image properties an image made from an instance does not inherit
@@ -115,7 +116,9 @@ class ImageCreateService:
                 "'snapback gc' restores what a crash left behind"
             )
         running = state in (DomainState.RUNNING, DomainState.PAUSED)
-        flow, reason = self._pick_flow(mode, running, instance)
+        direct = rbd_flow.same_cluster(self.ctx, pool, self.ctx.settings.image_pool)
+        on_rbd = self.ctx.settings.pools[pool].driver == "rbd"
+        flow, reason = self._pick_flow(mode, running, instance, direct, on_rbd)
         if base_props.get("os_require_quiesce", "").lower() in ("yes", "true", "1"):
             quiesce = "off" if quiesce == "off" else "required"
         if running:
@@ -138,7 +141,20 @@ class ImageCreateService:
             quiesce,
         )
 
-    def _pick_flow(self, mode: str, running: bool, instance: str) -> tuple[str, str]:
+    def _pick_flow(
+        self, mode: str, running: bool, instance: str, direct: bool, on_rbd: bool
+    ) -> tuple[str, str]:
+        if mode == "direct" and not direct:
+            raise InvalidInput(
+                "the direct flow needs the root disk and the image pool on one Ceph cluster"
+            )
+        if mode == "live" and on_rbd:
+            raise InvalidInput(
+                "the live flow copies a qcow2 file; an RBD root disk takes --mode direct "
+                "(or auto)"
+            )
+        if mode in ("auto", "direct") and direct:
+            return "direct", "asked for" if mode == "direct" else "root disk and images on RBD"
         if not running:
             if mode == "live":
                 raise InvalidInput(
@@ -163,10 +179,13 @@ class ImageCreateService:
         *,
         mode: str = "auto",
         quiesce: str = "auto",
+        flatten: str = "now",
         properties: dict[str, str] | None = None,
         progress: ProgressFn | None = None,
     ) -> ImageView:
         validate_name(image_name, "image name")
+        if flatten not in rbd_flow.FLATTEN:
+            raise InvalidInput(f"unknown flatten mode {flatten!r} (use now, background, never)")
         plan = self.plan(instance, mode, quiesce)
         clock = Clock(time.monotonic())
         with (
@@ -185,9 +204,14 @@ class ImageCreateService:
                 flow=plan.flow,
                 running=plan.running,
                 quiesce=plan.quiesce,
+                root_volume_id=plan.volume_id,
+                flatten=flatten,
             ) as op:
                 op.step("queued")
                 self.images._set_status(image_id, ImageStatus.SAVING)
+                if plan.flow == "direct":
+                    self._direct(op, plan, image_id, flatten, clock, properties or {}, progress)
+                    return self.images.show(image_id)
                 work = self.ctx.settings.work / op.id
                 work.mkdir(mode=0o755, parents=True)
                 work.chmod(0o755)
@@ -208,6 +232,47 @@ class ImageCreateService:
                 op.step("activated")
                 shutil.rmtree(work, ignore_errors=True)
         return self.images.show(image_id)
+
+    def _direct(
+        self,
+        op: journal.OpHandle,
+        plan: Plan,
+        image_id: str,
+        flatten: str,
+        clock: Clock,
+        extra: dict[str, str],
+        progress: ProgressFn | None,
+    ) -> None:
+        flow = rbd_flow.DirectFlow(self.ctx)
+        frozen: list[bool] = []
+
+        def freeze() -> bool:
+            frozen.append(self._freeze(op, plan))
+            return frozen[-1]
+
+        found = flow.run(
+            op,
+            image_id=image_id,
+            root_id=plan.volume_id,
+            flatten=flatten,
+            freeze=freeze,
+            thaw=lambda: self._thaw(op, plan),
+            progress=progress,
+        )
+        clock.pause = float(found.pop("snapback.time_guest_pause_s"))
+        clock.copy = float(found.pop("snapback.time_copy_s"))
+        was_frozen = found.pop("snapback.consistency_frozen") == "yes"
+        consistency = (
+            "quiesced" if was_frozen else "crash-consistent" if plan.running else "stopped"
+        )
+        props = self._properties(plan, consistency, clock, {**found, **extra})
+        with self.ctx.transaction() as s:
+            img = s.get(Image, image_id)
+            assert img is not None
+            img.status = ImageStatus.ACTIVE
+            img.properties = [ImageProperty(key=k, value=v) for k, v in sorted(props.items())]
+        op.step("activated")
+        flow.after_activation(op, image_id, flatten)
 
     def _new_image(self, name: str) -> str:
         with self.ctx.transaction() as s:
@@ -367,4 +432,3 @@ def _sha256(path: Path) -> tuple[int, str]:
             digest.update(chunk)
             size += len(chunk)
     return size, digest.hexdigest()
-

@@ -27,6 +27,7 @@ from snapback.domain.errors import SnapbackError
 from snapback.domain.models import ImageStatus, OperationStatus
 from snapback.drivers.hypervisor import snapshot_ops as ops
 from snapback.drivers.hypervisor.libvirt_driver import DomainState, LibvirtHypervisor
+from snapback.services import image_create_rbd as rbd_flow
 from snapback.services import journal
 from snapback.services.context import Context
 from snapback.services.volumes import purge
@@ -92,6 +93,10 @@ def recover(ctx: Context, op: journal.OperationRecord) -> OperationStatus:
         _thaw_quietly(hv, domain, THAW_WAIT_S if op.reached("frozen") else 0.0)
     if work:
         shutil.rmtree(work, ignore_errors=True)
+    if op.payload.get("flow") == "direct":
+        finished = rbd_flow.recover_direct(ctx, op)
+        if finished is not None:
+            return finished
     if op.reached("activated"):
         return OperationStatus.RECOVERED
     vol_id = op.data("volume").get("volume_id")

@@ -279,6 +279,9 @@ class ImageService:
                 return "deferred"
             self.volumes.remove(img.volume_id)
         self._set_status(img.id, ImageStatus.DELETED)
+        from snapback.services.image_create_rbd import release_source_snapshot
+
+        release_source_snapshot(self.ctx, img.id)  # the instance disk's snapshot it came from
         return "deleted"
 
     def clones(self, ref: str) -> list[str]:

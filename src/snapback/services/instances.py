@@ -17,7 +17,7 @@ from sqlalchemy import select
 
 from snapback.catalog.models import Image, Instance, InstanceDisk, Volume
 from snapback.domain.errors import Conflict, InvalidInput, NotFound
-from snapback.domain.models import BootFileFormat, ImageStatus, OperationStatus
+from snapback.domain.models import BootFileFormat, ImageStatus, OperationStatus, VolumeStatus
 from snapback.domain.names import SnapshotRef, validate_name
 from snapback.drivers.hypervisor.domain_xml import DiskSpec, DomainSpec
 from snapback.drivers.hypervisor.libvirt_driver import DomainState
@@ -109,8 +109,7 @@ class InstanceService:
             for d in inst.disks:
                 vol = s.get(Volume, d.volume_id)
                 assert vol is not None
-                att = self.ctx.pool(vol.pool).attachment(vol.storage_name)
-                disks.append(DiskSpec(d.target, att.source, att.format))
+                disks.append(disk_spec(self.ctx, d.target, vol.pool, vol.storage_name))
             name, memory, vcpus = inst.domain_name, inst.memory_mib, inst.vcpus
         kernel = (
             self._boot_file(props["kernel_id"], BootFileFormat.AKI)
@@ -285,6 +284,20 @@ class InstanceService:
         hv.redefine(spec)
 
 
+def disk_spec(ctx: Context, target: str, pool: str, storage_name: str) -> DiskSpec:
+    """How the domain reaches a volume: a file, or an rbd network disk with its ceph.conf."""
+    att = ctx.pool(pool).attachment(storage_name)
+    if att.type == "file":
+        return DiskSpec(target, att.source, att.format)
+    return DiskSpec(
+        target,
+        att.source,
+        att.format,
+        protocol=att.protocol,
+        config=ctx.settings.pools[pool].conf,
+    )
+
+
 def _teardown(ctx: Context, inst_id: str) -> None:
     """Stop and undefine the domain, remove the root volume, forget the instance."""
     with ctx.sessions() as s:
@@ -300,8 +313,12 @@ def _teardown(ctx: Context, inst_id: str) -> None:
         assert row is not None
         row.disks = []
         row.status = "deleted"
+    volumes = VolumeService(ctx)
     for vol_id in roots:
-        purge(ctx, vol_id)
+        if volumes.dependents(vol_id):  # an image still clones a snapshot of it: gc finishes
+            volumes._set_status(vol_id, VolumeStatus.PENDING_DELETE)
+        else:
+            purge(ctx, vol_id)
 
 
 @journal.recovery(CREATE)

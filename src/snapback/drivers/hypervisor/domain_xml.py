@@ -9,9 +9,12 @@ from dataclasses import dataclass, field
 @dataclass(frozen=True)
 class DiskSpec:
     target: str  # vda, vdb, ...
-    path: str
+    path: str  # a file, or for a network disk the protocol's name (rbd: pool/image)
     format: str = "qcow2"
     read_only: bool = False
+    protocol: str | None = None  # set for a network disk: rbd
+    hosts: tuple[tuple[str, int], ...] = ()
+    config: str | None = None  # rbd: the cluster's ceph.conf, read by QEMU's librbd
 
 
 @dataclass(frozen=True)
@@ -35,9 +38,18 @@ def _sub(parent: ET.Element, tag: str, text: str | None = None, **attrs: str) ->
 
 
 def _disk(disk: DiskSpec) -> ET.Element:
-    d = ET.Element("disk", type="file", device="disk")
-    _sub(d, "driver", name="qemu", type=disk.format, cache="none", discard="unmap")
-    _sub(d, "source", file=disk.path)
+    if disk.protocol is None:
+        d = ET.Element("disk", type="file", device="disk")
+        _sub(d, "driver", name="qemu", type=disk.format, cache="none", discard="unmap")
+        _sub(d, "source", file=disk.path)
+    else:  # rbd, as nova writes it (auth none: no <auth>)
+        d = ET.Element("disk", type="network", device="disk")
+        _sub(d, "driver", name="qemu", type=disk.format, cache="writeback", discard="unmap")
+        src = _sub(d, "source", protocol=disk.protocol, name=disk.path)
+        for host, port in disk.hosts:
+            _sub(src, "host", name=host, port=str(port))
+        if disk.config:
+            _sub(src, "config", file=disk.config)
     _sub(d, "target", dev=disk.target, bus="virtio")
     if disk.read_only:
         _sub(d, "readonly")
