@@ -22,7 +22,7 @@ from snapback.config import load_settings
 from snapback.services.context import Context
 from snapback.services.gc import GcService
 
-pytest_plugins = ["tests.ceph_fixture"]
+pytest_plugins = ["tests.ceph_fixture", "tests.rbd_fixtures"]
 
 ROOT = Path(__file__).resolve().parent.parent
 SNAPBACK = str(Path(sys.executable).with_name("snapback"))

@@ -24,8 +24,8 @@ from snapback.drivers.storage.rbd import RbdPool
 from snapback.services.context import Context
 from tests.ceph_fixture import CephCluster
 from tests.conftest import SLOTS, Cli, assert_consistent, upload_guest
-from tests.contract.conftest import wipe
 from tests.guestrecords import READY_LINE, parse_console, scan, wait_console
+from tests.rbd_fixtures import wipe
 
 VIRSH = ["virsh", "-c", "qemu:///system"]
 

@@ -21,6 +21,7 @@ Defaults are embedded so snapback runs with no configuration at all:
     conf = "/etc/ceph/ceph.conf"
     pool = "images"           # the RADOS pool (default: the pool's name)
     namespace = ""            # optional RBD namespace
+    trash_delay = 3600        # deferred deletes wait in the RBD trash at least this long
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ class PoolConfig:
     conf: str | None = None  # rbd: the cluster's ceph.conf
     rados_pool: str | None = None  # rbd: the RADOS pool (default: the pool's name)
     namespace: str = ""  # rbd: an RBD namespace inside the RADOS pool
+    trash_delay: int = 0  # rbd: seconds a deferred delete stays restorable in the trash
 
 
 @dataclass(frozen=True)
@@ -121,5 +123,6 @@ def _pool_config(
             conf=str(conf),
             rados_pool=str(spec.get("pool", name)),
             namespace=str(spec.get("namespace", "")),
+            trash_delay=int(str(spec.get("trash_delay", 0))),
         )
     raise InvalidInput(f"{cfg_file}: [pools.{name}] has unknown driver {driver!r} (local, rbd)")

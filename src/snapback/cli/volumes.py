@@ -12,6 +12,7 @@ from snapback.cli.output import FORMAT_OPTION, ProgressBar, emit, fields, human_
 from snapback.domain.models import DiskFormat
 from snapback.domain.names import parse_snapshot_ref
 from snapback.domain.sizes import parse_size
+from snapback.drivers.storage.base import CreateOptions
 from snapback.services.views import VolumeView
 from snapback.services.volumes import VolumeService
 
@@ -58,10 +59,26 @@ def volume() -> None:
 @click.argument("name")
 @click.option("--size", required=True, help="Virtual size, e.g. 10G, 512M.")
 @POOL_OPTION
+@click.option("--object-size", help="RBD: object size, a power of two from 4K to 32M.")
+@click.option("--stripe-unit", help="RBD: stripe unit (divides the object size).")
+@click.option("--stripe-count", type=int, help="RBD: objects a stripe spans.")
 @FORMAT_OPTION
-def create(name: str, size: str, pool: str | None, fmt: str) -> None:
+def create(
+    name: str,
+    size: str,
+    pool: str | None,
+    object_size: str | None,
+    stripe_unit: str | None,
+    stripe_count: int | None,
+    fmt: str,
+) -> None:
     """Create a thin volume."""
-    emit(fmt, service().create(name, parse_size(size), pool), volume_text)
+    options = CreateOptions(
+        object_size=parse_size(object_size) if object_size else None,
+        stripe_unit=parse_size(stripe_unit) if stripe_unit else None,
+        stripe_count=stripe_count,
+    )
+    emit(fmt, service().create(name, parse_size(size), pool, options), volume_text)
 
 
 @volume.command("list")

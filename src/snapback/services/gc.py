@@ -256,7 +256,7 @@ class GcService:
                     item.reason,
                     partial(driver.remove_debris, item),
                 )
-            present = set(driver.list_volumes())
+            present = set(driver.list_volumes()) | {e.name for e in driver.trash()}
             for (pool, storage), vol in known.items():
                 if (
                     pool == pool_name

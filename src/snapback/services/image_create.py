@@ -150,8 +150,7 @@ class ImageCreateService:
             )
         if mode == "live" and on_rbd:
             raise InvalidInput(
-                "the live flow copies a qcow2 file; an RBD root disk takes --mode direct "
-                "(or auto)"
+                "the live flow copies a qcow2 file; an RBD root disk takes --mode direct (or auto)"
             )
         if mode in ("auto", "direct") and direct:
             return "direct", "asked for" if mode == "direct" else "root disk and images on RBD"

@@ -19,6 +19,7 @@ class VolumeView:
     parent: str | None
     snapshots: list[str]
     created_at: float
+    layout: dict[str, int | None] | None = None  # rbd: object_size, stripe_unit, stripe_count
 
 
 @dataclass(frozen=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import uuid
 from pathlib import Path
 
@@ -18,7 +19,7 @@ from snapback.domain.models import (
 )
 from snapback.domain.names import SnapshotRef, validate_name
 from snapback.drivers.imagefmt.inspector import InspectedImage, inspect
-from snapback.drivers.storage.base import ProgressFn
+from snapback.drivers.storage.base import CreateOptions, ProgressFn
 from snapback.services import journal
 from snapback.services.catalog_queries import (
     LIVE_VOLUME,
@@ -65,6 +66,8 @@ class VolumeService:
                 if snap is not None:
                     parent = f"{snap.volume.pool}/{snap.volume.name}@{snap.name}"
             snaps = [x.name for x in vol.snapshots if x.status == SnapshotStatus.AVAILABLE]
+            driver = self.ctx.pool(vol.pool)
+            layout = driver.layout(vol.storage_name) if driver.layouts else None
             return VolumeView(
                 id=vol.id,
                 name=vol.name,
@@ -77,6 +80,7 @@ class VolumeService:
                 parent=parent,
                 snapshots=snaps,
                 created_at=vol.created_at,
+                layout=dataclasses.asdict(layout) if layout else None,
             )
 
     def show(self, name: str, pool: str | None = None) -> VolumeView:
@@ -134,12 +138,20 @@ class VolumeService:
             assert vol is not None
             vol.status, vol.size = VolumeStatus.AVAILABLE, size
 
-    def create(self, name: str, size: int, pool: str | None = None) -> VolumeView:
+    def create(
+        self,
+        name: str,
+        size: int,
+        pool: str | None = None,
+        options: CreateOptions | None = None,
+    ) -> VolumeView:
         pool = self._pool_name(pool)
+        if options is not None and not options.is_default() and not self.ctx.pool(pool).layouts:
+            raise InvalidInput(f"pool {pool} has no object size or striping settings (RBD has)")
         vol = self._new_row(name, pool, size)
         with journal.operation(self.ctx, CREATE, f"{pool}/{name}", volume_id=vol.id) as op:
             op.step("row")
-            info = self.ctx.pool(pool).create_volume(vol.storage_name, size)
+            info = self.ctx.pool(pool).create_volume(vol.storage_name, size, options)
             op.step("stored")
             self._mark_available(vol.id, info.size)
         return self.show(name, pool)
@@ -290,6 +302,11 @@ class VolumeService:
                     dependents,
                 )
             if dependents:
+                driver = self.ctx.pool(pool)
+                if driver.supports_trash:
+                    # RBD: into the trash at once (the name is free, clones keep reading);
+                    # gc empties it once the clones are gone and the delay has passed
+                    driver.trash_volume(vol.storage_name, self.ctx.settings.pools[pool].trash_delay)
                 self._set_status(vol.id, VolumeStatus.PENDING_DELETE)
                 return "deferred"
             protected = self._protected_snapshots(vol.id)

@@ -97,6 +97,7 @@ class StoragePool(abc.ABC):
     name: str
     supports_clone_v2 = False
     supports_trash = False
+    layouts = False  # object size and striping at create (RBD)
 
     # -- volumes ---------------------------------------------------------
     @abc.abstractmethod
@@ -204,6 +205,9 @@ class StoragePool(abc.ABC):
     @abc.abstractmethod
     def flatten(self, volume: str, progress: ProgressFn | None = None) -> None:
         """Copy the parent's data into a clone so it no longer depends on it."""
+
+    def layout(self, name: str) -> CreateOptions | None:
+        return None
 
     # -- deferred deletion and change tracking (optional) ----------------
     def trash_volume(self, name: str, delay: int) -> None:

@@ -43,6 +43,7 @@ class RbdPool(StoragePool):
     driver = "rbd"
     supports_clone_v2 = True
     supports_trash = True
+    layouts = True
 
     def __init__(
         self,
@@ -68,8 +69,11 @@ class RbdPool(StoragePool):
 
     def ioctx(self) -> Any:
         if self._ioctx is None:
+            _, rbd = bindings()
             with translated(f"rados pool {self.rados_pool}"):
                 io = cluster(self.conffile).open_ioctx(self.rados_pool)
+                if self.namespace and not rbd.RBD().namespace_exists(io, self.namespace):
+                    rbd.RBD().namespace_create(io, self.namespace)
                 io.set_namespace(self.namespace)
             self._ioctx = io
         return self._ioctx
@@ -434,11 +438,29 @@ class RbdPool(StoragePool):
                 continue
             try:
                 with translated(f"trashed image {self.where}/{entry.name}"):
+                    if not self._drop_trashed_snaps(entry.id):
+                        continue  # a snapshot still has clones: it waits
                     rbd.RBD().trash_remove(self.ioctx(), entry.id, force=not expired_only)
             except (Conflict, HasDependents):
                 continue  # still has clones: it waits
             done.append(f"{self.name}/{entry.name}")
         return done
+
+    def _drop_trashed_snaps(self, image_id: str) -> bool:
+        """Remove a trashed image's snapshots; False while one of them has clones."""
+        _, rbd = bindings()
+        with contextlib.closing(rbd.Image(self.ioctx(), image_id=image_id)) as img:
+            for snap in self._user_snaps(img):
+                name = snap["name"]
+                if img.is_protected_snap(name):
+                    with contextlib.closing(
+                        rbd.Image(self.ioctx(), image_id=image_id, snapshot=name, read_only=True)
+                    ) as at:
+                        if list(at.list_children2()):
+                            return False
+                    img.unprotect_snap(name)
+                img.remove_snap(name)
+        return True
 
     def changed_extents(
         self, volume: str, snapshot: str, since: str | None
