@@ -14,7 +14,6 @@ children read ``pool/volume`` like everywhere else.
 from __future__ import annotations
 
 import contextlib
-import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -32,11 +31,12 @@ from snapback.drivers.storage.base import (
     StoragePool,
     TrashEntry,
 )
+from snapback.drivers.storage.rbd import housekeeping
 from snapback.drivers.storage.rbd.cluster import bindings, cluster, translated
 from snapback.drivers.storage.rbd.handle import RbdHandle
+from snapback.drivers.storage.rbd.housekeeping import IMPORT_SUFFIX
 
 LabelFn = Callable[[str, str], str | None]  # (rados pool, namespace) -> snapback pool
-IMPORT_SUFFIX = ".importing"
 
 
 class RbdPool(StoragePool):
@@ -415,88 +415,26 @@ class RbdPool(StoragePool):
 
             img.flatten(on_progress=report)
 
-    # -- trash and change tracking -------------------------------------------------------
+    # -- trash, change tracking, housekeeping (rbd/housekeeping.py) -----------------
     def trash_volume(self, name: str, delay: int) -> None:
-        _, rbd = bindings()
-        with translated(self._spec(name)):
-            rbd.RBD().trash_move(self.ioctx(), name, delay)
+        housekeeping.trash_volume(self, name, delay)
 
     def trash(self) -> list[TrashEntry]:
-        _, rbd = bindings()
-        with translated(f"trash of {self.where}"):
-            entries = list(rbd.RBD().trash_list(self.ioctx()))
-        return [
-            TrashEntry(e["id"], e["name"], e["deferment_end_time"].timestamp()) for e in entries
-        ]
+        return housekeeping.trash(self)
 
     def empty_trash(self, *, expired_only: bool = True) -> list[str]:
-        _, rbd = bindings()
-        done = []
-        now = time.time()
-        for entry in self.trash():
-            if expired_only and entry.deferred_until > now:
-                continue
-            try:
-                with translated(f"trashed image {self.where}/{entry.name}"):
-                    if not self._drop_trashed_snaps(entry.id):
-                        continue  # a snapshot still has clones: it waits
-                    rbd.RBD().trash_remove(self.ioctx(), entry.id, force=not expired_only)
-            except (Conflict, HasDependents):
-                continue  # still has clones: it waits
-            done.append(f"{self.name}/{entry.name}")
-        return done
-
-    def _drop_trashed_snaps(self, image_id: str) -> bool:
-        """Remove a trashed image's snapshots; False while one of them has clones."""
-        _, rbd = bindings()
-        with contextlib.closing(rbd.Image(self.ioctx(), image_id=image_id)) as img:
-            for snap in self._user_snaps(img):
-                name = snap["name"]
-                if img.is_protected_snap(name):
-                    with contextlib.closing(
-                        rbd.Image(self.ioctx(), image_id=image_id, snapshot=name, read_only=True)
-                    ) as at:
-                        if list(at.list_children2()):
-                            return False
-                    img.unprotect_snap(name)
-                img.remove_snap(name)
-        return True
+        return housekeeping.empty_trash(self, expired_only=expired_only)
 
     def changed_extents(
         self, volume: str, snapshot: str, since: str | None
     ) -> list[tuple[int, int, bool]]:
-        extents: list[tuple[int, int, bool]] = []
-        with self.image(volume, snapshot=snapshot, read_only=True) as img:
-            if since is not None:
-                self._has_snap(img, volume, since)
+        return housekeeping.changed_extents(self, volume, snapshot, since)
 
-            def add(offset: int, length: int, exists: bool) -> None:
-                extents.append((offset, length, bool(exists)))
-
-            img.diff_iterate(0, int(img.size()), since, add, include_parent=True)
-        return extents
-
-    # -- housekeeping -----------------------------------------------------------------------
     def find_debris(self) -> list[Debris]:
-        _, rbd = bindings()
-        with translated(f"rados pool {self.where}"):
-            names = rbd.RBD().list(self.ioctx())
-        return [
-            Debris(f"{self.where}/{n}", "half-imported image (import interrupted)")
-            for n in names
-            if n.endswith(IMPORT_SUFFIX)
-        ]
+        return housekeeping.find_debris(self)
 
     def remove_debris(self, item: Debris) -> None:
-        _, rbd = bindings()
-        name = item.path.rsplit("/", 1)[1]
-        if not name.endswith(IMPORT_SUFFIX):
-            raise InvalidInput(f"{item.path} is not debris of this driver")
-        with self.image(name) as img:
-            for snap in self._user_snaps(img):
-                img.remove_snap(snap["name"])
-        with translated(item.path):
-            rbd.RBD().remove(self.ioctx(), name)
+        housekeeping.remove_debris(self, item)
 
     def recover(self) -> list[str]:
         return []  # every librbd call is atomic; half imports are debris
