@@ -4,4 +4,4 @@
 set -euo pipefail
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 "$here/scripts/bootstrap.sh"
-exec "$here/.venv/bin/snapback" tour "$@"
+exec "$here/.venv/bin/snapback" tour "$@"   # --pool rbd: on a throwaway Ceph cluster

@@ -9,20 +9,26 @@ import pty
 import subprocess
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import ROOT, SNAPBACK, Cli, make_raw
 
 MIB = 1 << 20
 
 
-def test_tour_reports_every_step() -> None:
+@pytest.mark.parametrize("pool", ["local", "rbd"])
+def test_tour_reports_every_step(pool: str) -> None:
+    """The README's main job; with --pool rbd on a Ceph cluster it starts and stops itself."""
     out = subprocess.run(
-        [SNAPBACK, "tour", "--format", "json"],
+        [SNAPBACK, "tour", "--format", "json", "--pool", pool],
         capture_output=True,
         text=True,
         check=True,
         timeout=300,
     )
-    steps = json.loads(out.stdout)["steps"]
+    report = json.loads(out.stdout)
+    assert report["pool"] == pool
+    steps = report["steps"]
     results = {s["action"].split(" (")[0]: s["result"] for s in steps}
     assert results["clone reads its parent's data"] == "release 1.0 of the web site"
     assert (
@@ -32,6 +38,9 @@ def test_tour_reports_every_step() -> None:
     assert results["image create web-1.0 --file web.raw --disk-format raw"].startswith("active")
     assert results["volume delete web-root"] == "deleted"
     assert results["gc"] == "0 debris found"
+    if pool == "rbd":
+        leftovers = subprocess.run(["pgrep", "-f", "snapback-tour-ceph-"], capture_output=True)
+        assert leftovers.returncode == 1, leftovers.stdout  # its cluster was stopped
 
 
 def test_progress_bar_on_a_terminal(cli: Cli, tmp_path: Path) -> None:
