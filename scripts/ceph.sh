@@ -4,9 +4,10 @@
 #   scripts/ceph.sh start DIR [--rgw]   start (or find running) and print its env
 #   scripts/ceph.sh stop DIR            stop the daemons and remove DIR
 #   scripts/ceph.sh status DIR          exit 0 when the cluster in DIR answers
-# Adding --rgw to a cluster already running from DIR starts only the gateway.
-# Every step is time-bounded; a failed start prints the tail of the relevant
-# log, stops what it started and exits non-zero (DIR stays for the logs).
+# --rgw on a cluster already running from DIR starts just the gateway.
+# Every step is time-bounded. A failed start prints the tail of the relevant
+# log, stops what it started and exits non-zero; DIR stays for its logs until
+# `stop DIR`.
 set -euo pipefail
 
 usage() {
@@ -28,6 +29,7 @@ done
 [[ "$cmd" == start || "$cmd" == stop || "$cmd" == status ]] || usage
 [[ "$dir" == /* ]] || dir="$PWD/$dir"
 dir=${dir%/}
+[[ -n "$dir" ]] || usage
 
 conf="$dir/ceph.conf"
 marker="$dir/.snapback-ceph"
@@ -48,25 +50,25 @@ ours() {
   tr '\0' '\n' 2>/dev/null <"/proc/$1/cmdline" | grep -qxF -- "$conf"
 }
 
-alive() {
-  local f pid
-  f=$(pidfile "$1")
-  [[ -f "$f" ]] && pid=$(cat "$f" 2>/dev/null) && [[ "$pid" =~ ^[0-9]+$ ]] && ours "$pid"
+pid_of() {
+  local pid
+  pid=$(cat "$(pidfile "$1")" 2>/dev/null) && [[ "$pid" =~ ^[0-9]+$ ]] && echo "$pid"
 }
 
-# Client commands: bounded twice, by ceph's own mount timeout and by timeout(1).
-cephc() { timeout -k 2 "${T:-20}" ceph -c "$conf" --connect-timeout 10 "$@"; }
-radosc() { timeout -k 2 "${T:-20}" rados -c "$conf" --client-mount-timeout 10 "$@"; }
+alive() {
+  local pid
+  pid=$(pid_of "$1") && ours "$pid"
+}
 
-# PIDs of processes started with our ceph.conf (daemons and clients): a net
-# for anything whose pid file is missing after a half-way start.
+# PIDs of processes started with our ceph.conf (daemons and clients): the net
+# for anything a half-way start left without a pid file.
 our_pids() {
   local f p
-  for f in $(grep -lsF -- "$conf" /proc/[0-9]*/cmdline); do
+  grep -lsF -- "$conf" /proc/[0-9]*/cmdline | while read -r f; do
     p=${f#/proc/}
     p=${p%/cmdline}
     if [[ "$p" != "$$" ]] && ours "$p"; then echo "$p"; fi
-  done
+  done || true
 }
 
 # SIGTERM, then SIGKILL when it is not gone within $2 s.
@@ -88,18 +90,14 @@ stop_pid() {
 }
 
 stop_daemon() {
-  local f pid
-  f=$(pidfile "$1")
-  if [[ -f "$f" ]]; then
-    pid=$(cat "$f" 2>/dev/null) || pid=""
-    if [[ "$pid" =~ ^[0-9]+$ ]]; then stop_pid "$pid" "$2"; fi
-    rm -f "$f"
-  fi
+  local pid
+  if pid=$(pid_of "$1"); then stop_pid "$pid" "$2"; fi
+  rm -f "$(pidfile "$1")"
 }
 
-# Each exits within ~0.3 s of SIGTERM here; the bounds are for the odd hang
-# (the folder is deleted next, so a SIGKILL loses nothing). Without its mon an
-# OSD waits 5 s to report itself down, so then it gets 1 s.
+# One at a time: gateway, OSD, mon. Each exits within ~0.3 s of SIGTERM here;
+# the bounds are for the odd hang (the folder goes next, so SIGKILL loses
+# nothing). Without its mon an OSD waits 5 s to report itself down: 1 s then.
 stop_all() {
   local p osd_bound=5
   alive mon.a || osd_bound=1
@@ -109,11 +107,15 @@ stop_all() {
   for p in $(our_pids); do stop_pid "$p" 5; done
 }
 
+mon_answers() {
+  timeout -k 2 15 ceph -c "$conf" --connect-timeout 10 health >/dev/null 2>&1
+}
+
 cluster_up() {
   alive mon.a && alive osd.0 || return 1
-  # With rgw started once, it is part of "up".
+  # Once the gateway was started it is part of "up".
   if [[ -f "$(pidfile client.rgw.x)" ]]; then alive client.rgw.x || return 1; fi
-  T=15 cephc health >/dev/null 2>&1
+  mon_answers
 }
 
 rgw_port() { sed -n 's/^rgw_frontends = beast endpoint=127\.0\.0\.1:\([0-9]*\)$/\1/p' "$conf"; }
@@ -130,16 +132,6 @@ write_env() {
   } >"$dir/env.tmp"
   mv "$dir/env.tmp" "$dir/env"
   cat "$dir/env"
-}
-
-# Where a daemon's admin socket, pid file and log go (ceph expands $name).
-daemon_paths() {
-  printf 'admin_socket = %s\npid_file = %s\nlog_file = %s\n' \
-    "$run/\$name.asok" "$run/\$name.pid" "$logs/\$name.log"
-}
-
-free_port() {
-  /usr/bin/python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
 }
 
 # --- stop / status ---------------------------------------------------------
@@ -173,10 +165,9 @@ cmdlog="$logs/cmd.out"
 failing=1
 rgw_only=0   # adding the gateway to a running cluster: a failure stops only it
 on_exit() {
-  local rc=$?
+  local rc=$? f
   ((failing)) || return 0
-  echo "ceph.sh: start failed${stage:+ while starting $stage} (exit $rc)" >&2
-  local f
+  echo "ceph.sh: start failed${stage:+ at $stage} (exit $rc)" >&2
   for f in "$cmdlog" ${stage:+"$logs/$stage.out" "$logs/$stage.log"}; do
     if [[ -s "$f" ]]; then
       echo "--- tail of $f" >&2
@@ -191,13 +182,17 @@ fail() {
   exit 1
 }
 
-# Run a client command with its output kept in cmd.out for on_exit.
+# A client command; its output stays in cmd.out for on_exit when it fails.
 run_cmd() {
-  "$@" >"$cmdlog" 2>&1 || return
+  local rc=0
+  "$@" >"$cmdlog" 2>&1 || rc=$?
+  if ((rc == 124)); then echo "timed out: $*" >>"$cmdlog"; fi
+  ((rc == 0)) || return "$rc"
   : >"$cmdlog"
 }
 
-# Start a daemon in the foreground of its own session; we know its PID at once.
+# A daemon in the foreground of its own session: we know its PID at once, and
+# it outlives this script.
 launch() {
   local name=$1
   shift
@@ -205,30 +200,76 @@ launch() {
   echo $! >"$(pidfile "$name")"
 }
 
-# Poll "$@" every 0.1 s for up to $1 s (wall clock) while daemon $2 stays alive.
-wait_for() {
-  local bound=$1 name=$2 deadline
-  shift 2
-  deadline=$((SECONDS + bound))
-  while ((SECONDS < deadline)); do
-    alive "$name" || fail "$name exited"
-    if "$@" >"$cmdlog" 2>&1; then
-      : >"$cmdlog"
-      return 0
-    fi
-    sleep 0.1
-  done
-  fail "$name not ready within ${bound} s"
-}
+# Cluster set-up through one librados client each (a `ceph` CLI call costs
+# ~0.25 s). Fails at once when a daemon in $WATCH (name=pid ...) dies.
+#   py_setup BOUND mon MON_PORT OSD_UUID   wait for the mon, register osd.0
+#   py_setup BOUND pools                   wait for osd.0 up, create the pools,
+#                                          round-trip an object through each
+py_setup() {
+  local bound=$1
+  shift
+  timeout -k 2 "$bound" /usr/bin/python3 - "$conf" "$@" <<'EOF'
+import json, os, socket, sys, threading, time
+import rados
 
-mon_answers() { T=6 cephc mon stat; }
+conf, step, *args = sys.argv[1:]
+watch = dict(w.split("=") for w in os.environ["WATCH"].split())  # name=pid
 
-probe_pool() {
-  local pool=$1 got
-  printf 'probe\n' >"$run/probe.in"
-  T=10 radosc -p "$pool" put _probe "$run/probe.in" || return 1
-  got=$(T=10 radosc -p "$pool" get _probe -) || return 1
-  [[ "$got" == probe ]] && T=10 radosc -p "$pool" rm _probe
+def alive(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rpartition(")")[2].split()[0] != "Z"
+    except OSError:
+        return False
+
+def watcher():
+    while all(alive(p) for p in watch.values()):
+        time.sleep(0.1)
+    dead = [name for name, p in watch.items() if not alive(p)]
+    print(f"{', '.join(dead)} exited", file=sys.stderr, flush=True)
+    os._exit(1)
+
+threading.Thread(target=watcher, daemon=True).start()
+
+if step == "mon":
+    # librados retries a refused connection only after ~3 s: wait for the port.
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", int(args[0])), timeout=1).close()
+            break
+        except OSError:
+            time.sleep(0.02)
+
+r = rados.Rados(conffile=conf, conf={"rados_osd_op_timeout": "5", "rados_mon_op_timeout": "20"})
+r.connect(timeout=20)
+
+def cmd(**kw):
+    ret, out, err = r.mon_command(json.dumps(kw), b"")
+    if ret != 0:
+        sys.exit(f"{kw}: error {ret}: {err}")
+    return out
+
+if step == "mon":
+    cmd(prefix="osd new", uuid=args[1], id=0)
+else:
+    # Pools made before the OSD is up get their PGs ~5 s late (next mon tick).
+    while json.loads(cmd(prefix="osd stat", format="json"))["num_up_osds"] < 1:
+        time.sleep(0.05)
+    for pool in ("rbd", "images"):
+        cmd(prefix="osd pool create", pool=pool, pg_num=8, pgp_num=8)
+        cmd(prefix="osd pool application enable", pool=pool, app="rbd")
+    for pool in ("rbd", "images"):
+        with r.open_ioctx(pool) as io:
+            while True:
+                try:
+                    io.write_full("_probe", b"probe")
+                    break
+                except rados.TimedOut:
+                    pass
+            assert io.read("_probe") == b"probe", "probe object did not round-trip"
+            io.remove_object("_probe")
+r.shutdown()
+EOF
 }
 
 rgw_answers() {
@@ -239,9 +280,19 @@ with urllib.request.urlopen(f"http://127.0.0.1:{sys.argv[1]}/", timeout=2) as r:
 EOF
 }
 
+free_port() {
+  /usr/bin/python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
+}
+
+# Where a daemon's admin socket, pid file and log go (ceph expands $name).
+daemon_paths() {
+  printf 'admin_socket = %s\npid_file = %s\nlog_file = %s\n' \
+    "$run/\$name.asok" "$run/\$name.pid" "$logs/\$name.log"
+}
+
 start_rgw() {
   stage=client.rgw.x
-  local port
+  local port i
   port=$(free_port)
   # The gateway's section is the last one; replace it with this port.
   sed -i '/^\[client\.rgw\.x\]$/,$d' "$conf"
@@ -251,23 +302,30 @@ rgw_frontends = beast endpoint=127.0.0.1:$port
 # its default "secure" mode needs cephx: with auth none it hangs for 300 s
 ms_mon_client_mode = crc
 rgw_thread_pool_size = 32
-# the lifecycle thread makes SIGTERM take 4-5 s (and once 95 s); no test needs it
+# the lifecycle thread makes SIGTERM take 4-5 s (once 95 s); no test needs it
 rgw_enable_lc_threads = false
 rgw_data = $dir/rgw
 $(daemon_paths)
 EOF
   mkdir -p "$dir/rgw"
-  if ! timeout 30 radosgw-admin -c "$conf" --client-mount-timeout 10 user info --uid=test \
-      >/dev/null 2>&1; then
-    run_cmd timeout 30 radosgw-admin -c "$conf" --client-mount-timeout 10 user create \
-      --uid=test --display-name=test \
+  local admin=(timeout -k 2 30 radosgw-admin -c "$conf" --client-mount-timeout 10)
+  if ! "${admin[@]}" user info --uid=test >/dev/null 2>&1; then
+    run_cmd "${admin[@]}" user create --uid=test --display-name=test \
       --access-key="$S3_ACCESS_KEY" --secret-key="$S3_SECRET_KEY"
   fi
   launch client.rgw.x radosgw -n client.rgw.x
-  wait_for 30 client.rgw.x rgw_answers "$port"
+  for ((i = 0; i < 300; i++)); do   # ~0.2 s usually; 30 s at most
+    alive client.rgw.x || fail "radosgw exited"
+    if rgw_answers "$port" >"$cmdlog" 2>&1; then
+      : >"$cmdlog"
+      return 0
+    fi
+    sleep 0.1
+  done
+  fail "radosgw did not answer on port $port within 30 s"
 }
 
-if [[ -e "$marker" ]] && alive mon.a && alive osd.0 && T=15 cephc health >/dev/null 2>&1; then
+if [[ -e "$marker" ]] && alive mon.a && alive osd.0 && mon_answers; then
   # Already running from this folder.
   if ((want_rgw)) && ! alive client.rgw.x; then
     rgw_only=1
@@ -279,7 +337,7 @@ if [[ -e "$marker" ]] && alive mon.a && alive osd.0 && T=15 cephc health >/dev/n
   exit 0
 fi
 
-# Something half-started or dead from an earlier run: clear it first.
+# Leftovers of a failed or killed cluster: clear them first.
 if [[ -e "$marker" ]]; then
   stop_all
   find "$dir" -mindepth 1 -delete
@@ -324,7 +382,7 @@ mon_warn_on_insecure_global_id_reclaim_allowed = false
 mon_mgr_mkfs_grace = 86400
 
 # Daemons only: clients (ceph, rados, librbd in tests) would all fight over
-# one client.admin socket and log.
+# one client.admin socket and log file.
 [mon]
 $(daemon_paths)
 paxos_propose_interval = 0.01
@@ -340,22 +398,14 @@ run_cmd timeout 10 monmaptool --create --fsid "$fsid" --addv a "[v2:127.0.0.1:$m
   "$run/monmap"
 run_cmd timeout 30 ceph-mon -c "$conf" --mkfs -i a --monmap "$run/monmap"
 launch mon.a ceph-mon -i a
-wait_for 30 mon.a mon_answers
+WATCH="mon.a=$(pid_of mon.a)" run_cmd py_setup 30 mon "$mon_port" "$osd_uuid"
 
 stage=osd.0
-run_cmd cephc osd new "$osd_uuid" 0
 run_cmd timeout 60 ceph-osd -c "$conf" -i 0 --mkfs --osd-uuid "$osd_uuid"
 launch osd.0 ceph-osd -i 0
-for pool in rbd images; do
-  run_cmd cephc osd pool create "$pool" 8 8
-  run_cmd cephc osd pool application enable "$pool" rbd
-done
-for pool in rbd images; do
-  wait_for 60 osd.0 probe_pool "$pool"
-done
+WATCH="mon.a=$(pid_of mon.a) osd.0=$(pid_of osd.0)" run_cmd py_setup 60 pools
 
 ((want_rgw)) && start_rgw
 
 failing=0
-rm -f "$cmdlog" "$run/probe.in"
 write_env

@@ -4,11 +4,11 @@ Loaded by the main conftest with ``pytest_plugins = ["tests.ceph_fixture"]``
 (or ``pytest -p tests.ceph_fixture``).
 
 - ``ceph_cluster``: one mon and one memstore OSD on 127.0.0.1 with pools
-  ``rbd`` and ``images``, started once per session (~1.5 s) and only when a
+  ``rbd`` and ``images``, started once per session (~0.4 s) and only when a
   test asks for it; stopped and its folder removed at session end, also when
   tests or the start itself failed.
 - ``ceph_s3``: radosgw on that same cluster, added the first time a test asks
-  for it (~1 s more), so sessions without S3 tests never pay for it.
+  for it (~0.4-0.8 s more), so sessions without S3 tests never pay for it.
 
 Data lives in the OSD's RAM (memstore, capped at 4 GiB): keep images and
 objects small, and give them unique names, since every test of the session

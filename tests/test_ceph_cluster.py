@@ -139,7 +139,7 @@ def s3_request(s3: CephS3, method: str, path: str, body: bytes = b"") -> tuple[i
     to_sign = f"{method}\n\n\n{date}\n{path}".encode()
     sig = base64.b64encode(hmac.new(s3.secret_key.encode(), to_sign, hashlib.sha1).digest())
     url = urlsplit(s3.endpoint)
-    conn = http.client.HTTPConnection(url.hostname, url.port, timeout=10)
+    conn = http.client.HTTPConnection(url.netloc, timeout=10)
     try:
         conn.request(
             method,
