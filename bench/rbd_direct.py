@@ -89,6 +89,9 @@ def run_size(ctx: Context, conf: str, size: int, runs: int, tmp: Path) -> dict[s
         for key, mode in (("never", "never"), ("bg", "background"), ("now", "now")):
             name = f"{key}-{tag}-{i}"
             res[key].append(timed(lambda n=name, m=mode: creator.create(f"vm-{tag}", n, flatten=m)))
+            while images.show(name).properties.get("snapback.flatten") not in ("done", "never"):
+                time.sleep(0.2)  # let the background job finish before the next one
+            images.delete(name)  # memstore keeps data in RAM: free it
         target = f"copy-{tag}-{i}"
         img_pool.create_volume(target, size + 64 * MIB)
         res["copy"].append(
@@ -123,6 +126,7 @@ def main() -> None:
             check=True,
             capture_output=True,
             text=True,
+            env={**os.environ, "SNAPBACK_CEPH_MEMSTORE_BYTES": str(12 << 30)},
         ).stdout
         conf = dict(line.split("=", 1) for line in env.splitlines() if "=" in line)["CEPH_CONF"]
         (home / "snapback.toml").write_text(

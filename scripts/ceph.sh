@@ -7,7 +7,7 @@
 # --rgw on a cluster already running from DIR starts just the gateway.
 # Every step is time-bounded. A failed start prints the tail of the relevant
 # log, stops what it started and exits non-zero; DIR stays for its logs until
-# `stop DIR`.
+# `stop DIR`. SNAPBACK_CEPH_MEMSTORE_BYTES sets the OSD's RAM store (default 4 GiB).
 set -euo pipefail
 
 usage() {
@@ -369,7 +369,7 @@ crash_dir = $dir/crash
 mon_data = $dir/mon
 osd_data = $dir/osd
 osd_objectstore = memstore
-memstore_device_bytes = 4294967296
+memstore_device_bytes = ${SNAPBACK_CEPH_MEMSTORE_BYTES:-4294967296}
 osd_pool_default_size = 1
 osd_pool_default_min_size = 1
 osd_pool_default_pg_num = 8
