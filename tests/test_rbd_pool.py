@@ -150,3 +150,16 @@ def test_unreachable_cluster_is_one_clear_error(ceph_cluster: CephCluster, tmp_p
     with pytest.raises(StorageError, match="cannot reach the Ceph cluster"):
         RbdPool("vols", conffile=str(conf)).list_volumes()
     shutil.rmtree(tmp_path, ignore_errors=True)
+
+
+def test_trash_expiry_is_honoured(pools: tuple[RbdPool, RbdPool]) -> None:
+    plain, _ = pools
+    plain.create_volume("soon", 8 * MIB)
+    plain.create_volume("later", 8 * MIB)
+    plain.trash_volume("soon", 0)
+    plain.trash_volume("later", 3600)
+    assert sorted(e.name for e in plain.trash()) == ["later", "soon"]
+    assert plain.empty_trash() == ["vols/soon"]  # only what has expired
+    assert [e.name for e in plain.trash()] == ["later"]
+    assert plain.empty_trash(expired_only=False) == ["vols/later"]  # forced
+    assert plain.trash() == []
