@@ -1,0 +1,1 @@
+"""Backup repositories: content-addressed, write-once objects (docs/repository-format.md)."""

@@ -1,0 +1,130 @@
+"""A repository in a filesystem folder.
+
+put: write to a unique temporary file in the target folder, fsync it, then
+``link()`` it to its name (fails if the name exists: write-once without a
+race) or ``rename()`` it over (overwrite), and fsync the folder, so a crash
+leaves either nothing or the whole object. Stray ``.tmp-*`` files from a crash
+are ignored by ``list_objects`` and removed by ``clean_temp``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+from snapback.domain.errors import NotFound
+from snapback.repository.backends.base import Backend, BackendError, ObjectInfo, check_key
+
+TEMP_PREFIX = ".tmp-"
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class LocalBackend(Backend):
+    def __init__(self, root: str | os.PathLike[str]) -> None:
+        self.root = Path(root).absolute()
+        self.url = str(self.root)
+
+    def _path(self, key: str) -> Path:
+        return self.root / check_key(key)
+
+    def put(self, key: str, data: bytes, *, overwrite: bool = False) -> bool:
+        path = self._path(key)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.parent / f"{TEMP_PREFIX}{uuid.uuid4().hex}"
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            try:
+                if overwrite:
+                    os.replace(tmp, path)
+                else:
+                    try:
+                        os.link(tmp, path)
+                    except FileExistsError:
+                        return False
+            finally:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(tmp)
+            _fsync_dir(path.parent)
+        except OSError as exc:
+            raise BackendError(f"cannot write {path}: {exc.strerror}") from exc
+        return True
+
+    def get(self, key: str) -> bytes:
+        path = self._path(key)
+        try:
+            return path.read_bytes()
+        except FileNotFoundError as exc:
+            raise NotFound(f"object {key} is missing from {self.url}") from exc
+        except OSError as exc:
+            raise BackendError(f"cannot read {path}: {exc.strerror}") from exc
+
+    def stat(self, key: str) -> ObjectInfo | None:
+        try:
+            st = self._path(key).stat()
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise BackendError(f"cannot stat {key}: {exc.strerror}") from exc
+        return ObjectInfo(key, st.st_size, st.st_mtime)
+
+    def delete(self, key: str) -> None:
+        try:
+            self._path(key).unlink()
+        except FileNotFoundError:
+            return
+        except OSError as exc:
+            raise BackendError(f"cannot delete {key}: {exc.strerror}") from exc
+
+    def list_objects(self, prefix: str = "") -> Iterator[ObjectInfo]:
+        base = self.root / prefix.rstrip("/") if prefix else self.root
+        if prefix and not prefix.endswith("/"):
+            raise BackendError(f"list prefix {prefix!r} must name a folder (end in '/')")
+        if not base.is_dir():
+            return
+        for dirpath, dirnames, filenames in os.walk(base):
+            dirnames.sort()
+            for name in sorted(filenames):
+                if name.startswith(TEMP_PREFIX):
+                    continue
+                full = Path(dirpath) / name
+                with contextlib.suppress(FileNotFoundError):
+                    st = full.stat()
+                    yield ObjectInfo(str(full.relative_to(self.root)), st.st_size, st.st_mtime)
+
+    def touch(self, key: str) -> None:
+        try:
+            now = time.time()
+            os.utime(self._path(key), (now, now))
+        except FileNotFoundError as exc:
+            raise NotFound(f"object {key} is missing from {self.url}") from exc
+        except OSError as exc:
+            if exc.errno == errno.EROFS:
+                raise BackendError(f"{self.url} is read-only") from exc
+            raise BackendError(f"cannot touch {key}: {exc.strerror}") from exc
+
+    def clean_temp(self, older_than: float = 3600.0) -> list[str]:
+        """Remove temporary files a crash left (older than ``older_than`` seconds)."""
+        gone = []
+        limit = time.time() - older_than
+        for dirpath, _, filenames in os.walk(self.root):
+            for name in filenames:
+                full = Path(dirpath) / name
+                if name.startswith(TEMP_PREFIX) and full.stat().st_mtime < limit:
+                    full.unlink(missing_ok=True)
+                    gone.append(str(full))
+        return gone

@@ -1,0 +1,86 @@
+"""The repository backend contract: what every store must do, on real storage."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from snapback.domain.errors import InvalidInput, NotFound
+from snapback.repository.backends import Backend
+
+
+def test_put_get_stat_delete(backend: Backend) -> None:
+    assert backend.stat("chunks/ab/abc") is None and not backend.exists("chunks/ab/abc")
+    assert backend.put("chunks/ab/abc", b"hello") is True
+    assert backend.get("chunks/ab/abc") == b"hello"
+    info = backend.stat("chunks/ab/abc")
+    assert info is not None and info.size == 5 and abs(info.mtime - time.time()) < 120
+    backend.delete("chunks/ab/abc")
+    backend.delete("chunks/ab/abc")  # twice is fine
+    with pytest.raises(NotFound):
+        backend.get("chunks/ab/abc")
+
+
+def test_objects_are_written_once(backend: Backend) -> None:
+    assert backend.put("backups/b1", b"first") is True
+    assert backend.put("backups/b1", b"second") is False  # refused, nothing changed
+    assert backend.get("backups/b1") == b"first"
+    assert backend.put("backups/b1", b"third", overwrite=True) is True
+    assert backend.get("backups/b1") == b"third"
+
+
+def test_empty_and_large_objects(backend: Backend) -> None:
+    big = bytes(range(256)) * (5 * 4096 + 7)  # ~5 MiB, not a multiple of anything
+    backend.put("chunks/00/big", big)
+    backend.put("chunks/00/empty", b"")
+    assert backend.get("chunks/00/big") == big
+    assert backend.get("chunks/00/empty") == b""
+
+
+def test_list_by_prefix(backend: Backend) -> None:
+    for key in ("chunks/aa/1", "chunks/ab/2", "indexes/x", "config"):
+        backend.put(key, key.encode())
+    assert sorted(o.key for o in backend.list_objects("chunks/")) == ["chunks/aa/1", "chunks/ab/2"]
+    assert sorted(o.key for o in backend.list_objects("")) == [
+        "chunks/aa/1", "chunks/ab/2", "config", "indexes/x",
+    ]  # fmt: skip
+    assert list(backend.list_objects("nothing/")) == []
+    sizes = {o.key: o.size for o in backend.list_objects("indexes/")}
+    assert sizes == {"indexes/x": len(b"indexes/x")}
+
+
+def test_touch_refreshes_mtime(backend: Backend) -> None:
+    backend.put("chunks/cc/t", b"x")
+    first = backend.stat("chunks/cc/t")
+    assert first is not None
+    time.sleep(1.1)
+    backend.touch("chunks/cc/t")
+    later = backend.stat("chunks/cc/t")
+    assert later is not None and later.mtime > first.mtime
+    assert backend.get("chunks/cc/t") == b"x"
+    with pytest.raises(NotFound):
+        backend.touch("chunks/cc/missing")
+
+
+@pytest.mark.parametrize("bad", ["../x", "a//b", "/abs", "a/../b", "", "x y", "a\x00b"])
+def test_bad_keys_refused(backend: Backend, bad: str) -> None:
+    with pytest.raises(InvalidInput):
+        backend.put(bad, b"x")
+
+
+def test_racing_writers_one_wins_whole(backend: Backend) -> None:
+    results: list[bool] = []
+    payloads = [bytes([i]) * 100_000 for i in range(8)]
+
+    def write(data: bytes) -> None:
+        results.append(backend.put("backups/race", data))
+
+    threads = [threading.Thread(target=write, args=(p,)) for p in payloads]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert results.count(True) == 1
+    assert backend.get("backups/race") in payloads  # one writer's whole object
