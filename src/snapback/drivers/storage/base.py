@@ -18,7 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Self
 
-from snapback.domain.errors import InvalidInput
+from snapback.domain.errors import InvalidInput, NotFound
 from snapback.domain.models import DiskFormat, ParentRef, Progress, SnapshotInfo, VolumeInfo
 from snapback.drivers.imagefmt.inspector import InspectedImage
 
@@ -220,6 +220,14 @@ class StoragePool(abc.ABC):
 
     def trash(self) -> list[TrashEntry]:
         return []
+
+    def allocated_extents(self, volume: str, snapshot: str) -> list[tuple[int, int]]:
+        """(offset, length) ranges of a snapshot that may hold data (parents included);
+        the rest reads as zeroes. Default: everything."""
+        for snap in self.list_snapshots(volume):
+            if snap.name == snapshot:
+                return [(0, snap.size)]
+        raise NotFound(f"snapshot {self.name}/{volume}@{snapshot} does not exist")
 
     def changed_extents(
         self, volume: str, snapshot: str, since: str | None

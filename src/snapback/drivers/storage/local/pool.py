@@ -226,6 +226,12 @@ class LocalPool(StoragePool):
             raise
         return layers.LockedHandle(handle, stack)
 
+    def allocated_extents(self, volume: str, snapshot: str) -> list[tuple[int, int]]:
+        with self.locked(volume) as meta:
+            layer = self._snapshot(meta, snapshot).layer
+            extents = qemu_img.map_extents(str(self.layer_path(volume, layer)), "qcow2")
+        return [(e.start, e.length) for e in extents if e.data]
+
     def attachment(self, name: str) -> Attachment:
         return Attachment("file", str(self.layer_path(name, self.load(name).head)), "qcow2")
 

@@ -430,6 +430,9 @@ class RbdPool(StoragePool):
     ) -> list[tuple[int, int, bool]]:
         return housekeeping.changed_extents(self, volume, snapshot, since)
 
+    def allocated_extents(self, volume: str, snapshot: str) -> list[tuple[int, int]]:
+        return [(o, n) for o, n, data in self.changed_extents(volume, snapshot, None) if data]
+
     def find_debris(self) -> list[Debris]:
         return housekeeping.find_debris(self)
 

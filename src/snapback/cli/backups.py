@@ -1,0 +1,200 @@
+"""``snapback repo ...`` and ``snapback backup ...``"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import click
+
+from snapback.cli.main import context
+from snapback.cli.output import FORMAT_OPTION, emit, fields, human_size, table
+from snapback.cli.volumes import POOL_OPTION, progress_bar
+from snapback.domain.errors import InvalidInput
+from snapback.repository.repo import Repository, open_backend
+from snapback.services.backups import MODES, BackupService
+
+EXIT_DAMAGED = 8
+
+REPO_OPTION = click.option(
+    "--repo",
+    "repo_url",
+    required=True,
+    envvar="SNAPBACK_REPO",
+    help="Repository: a folder, or s3://BUCKET[/PREFIX]?endpoint=URL (env SNAPBACK_REPO).",
+)
+PASSPHRASE_OPTION = click.option(
+    "--passphrase-file",
+    type=click.Path(dir_okay=False, exists=True),
+    help="File holding the repository passphrase (default: env SNAPBACK_REPO_PASSPHRASE).",
+)
+
+
+def passphrase(path: str | None) -> str | None:
+    if path:
+        return Path(path).read_text().rstrip("\n")
+    return os.environ.get("SNAPBACK_REPO_PASSPHRASE")
+
+
+def service() -> BackupService:
+    return BackupService(context(click.get_current_context()))
+
+
+def backup_text(r: dict[str, object]) -> str:
+    return fields(
+        {
+            "id": r["id"],
+            "kind": r["kind"],
+            "source": r["source"],
+            "mode": r["mode"],
+            "parent": r["parent"],
+            "change tracking": r["change_tracking"],
+            "disks": r["disks"],
+            "stats": r["stats"],
+        }
+    )
+
+
+@click.group()
+def repo() -> None:
+    """Backup repositories (docs/repository-format.md)."""
+
+
+@repo.command("init")
+@click.argument("repo_url", metavar="REPO")
+@click.option("--encrypt", is_flag=True, help="Encrypt with a passphrase (AES-256-GCM, Argon2id).")
+@PASSPHRASE_OPTION
+@FORMAT_OPTION
+def init(repo_url: str, encrypt: bool, passphrase_file: str | None, fmt: str) -> None:
+    """Create an empty repository."""
+    secret = passphrase(passphrase_file) if encrypt else None
+    if encrypt and not secret:
+        raise InvalidInput("--encrypt needs a passphrase (SNAPBACK_REPO_PASSPHRASE or a file)")
+    r = Repository.init(open_backend(repo_url), secret)
+    out = {"repository": repo_url, "id": r.config.id, "encrypted": r.config.encrypted}
+    emit(fmt, out, lambda o: f"initialised {repo_url} (encrypted: {o['encrypted']})")
+
+
+@click.group()
+def backup() -> None:
+    """Backups of volumes into a repository."""
+
+
+@backup.command("create")
+@click.argument("volume")
+@REPO_OPTION
+@POOL_OPTION
+@click.option("--full", "mode", flag_value="full", help="Store every chunk again (no parent).")
+@click.option("--incremental", "mode", flag_value="incremental", help="Fail if there is no parent.")
+@PASSPHRASE_OPTION
+@FORMAT_OPTION
+def create(
+    volume: str,
+    repo_url: str,
+    pool: str | None,
+    mode: str | None,
+    passphrase_file: str | None,
+    fmt: str,
+) -> None:
+    """Back up VOLUME: a temporary snapshot, its allocated chunks, the index, the record."""
+    assert (mode or "auto") in MODES
+    with progress_bar("backup", fmt) as bar:
+        record = service().create(
+            volume,
+            repo_url,
+            pool=pool,
+            mode=mode or "auto",
+            passphrase=passphrase(passphrase_file),
+            progress=bar,
+        )
+    emit(fmt, record, backup_text)
+
+
+@backup.command("list")
+@REPO_OPTION
+@PASSPHRASE_OPTION
+@FORMAT_OPTION
+def list_(repo_url: str, passphrase_file: str | None, fmt: str) -> None:
+    """List the backups of a repository, oldest first."""
+    records = service().list_backups(repo_url, passphrase(passphrase_file))
+    emit(
+        fmt,
+        records,
+        lambda rs: table(
+            [
+                {
+                    "id": r["id"],
+                    "source": f"{r['source']['pool']}/{r['source']['name']}",
+                    "mode": r["mode"],
+                    "size": human_size(sum(d["size"] for d in r["disks"])),
+                    "new": human_size(r["stats"]["new_bytes"]),
+                }
+                for r in rs
+            ],
+            ["id", "source", "mode", "size", "new"],
+        ),
+    )
+
+
+@backup.command("show")
+@click.argument("backup_id", metavar="BACKUP")
+@REPO_OPTION
+@PASSPHRASE_OPTION
+@FORMAT_OPTION
+def show(backup_id: str, repo_url: str, passphrase_file: str | None, fmt: str) -> None:
+    """Show a backup record."""
+    emit(fmt, service().show(backup_id, repo_url, passphrase(passphrase_file)), backup_text)
+
+
+@backup.command("restore")
+@click.argument("backup_id", metavar="BACKUP")
+@REPO_OPTION
+@click.option("--to-volume", required=True, help="Name of the new volume.")
+@POOL_OPTION
+@PASSPHRASE_OPTION
+@FORMAT_OPTION
+def restore(
+    backup_id: str,
+    repo_url: str,
+    to_volume: str,
+    pool: str | None,
+    passphrase_file: str | None,
+    fmt: str,
+) -> None:
+    """Restore a backup into a new volume (zero chunks stay holes)."""
+    with progress_bar("restore", fmt) as bar:
+        out = service().restore(
+            backup_id,
+            repo_url,
+            to_volume,
+            pool=pool,
+            passphrase=passphrase(passphrase_file),
+            progress=bar,
+        )
+    emit(fmt, out, lambda o: f"restored {backup_id} into {o['volume']}")
+
+
+@backup.command("verify")
+@click.argument("backup_id", metavar="BACKUP")
+@REPO_OPTION
+@click.option("--read-data", is_flag=True, help="Read, authenticate and hash every chunk.")
+@PASSPHRASE_OPTION
+@FORMAT_OPTION
+def verify(
+    backup_id: str, repo_url: str, read_data: bool, passphrase_file: str | None, fmt: str
+) -> None:
+    """Check that a backup can be restored; exit 8 naming what is missing or damaged."""
+    report = service().verify(
+        backup_id, repo_url, read_data=read_data, passphrase=passphrase(passphrase_file)
+    )
+    emit(
+        fmt,
+        {**report.__dict__, "ok": report.ok},
+        lambda r: (
+            f"{backup_id}: {'ok' if r['ok'] else 'BROKEN'}; {r['chunks']} chunks"
+            + "".join(f"\n  missing {m}" for m in r["missing"])
+            + "".join(f"\n  damaged {d}" for d in r["damaged"])
+        ),
+    )
+    if not report.ok:
+        raise SystemExit(EXIT_DAMAGED)

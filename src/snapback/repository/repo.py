@@ -1,0 +1,265 @@
+"""A backup repository on a backend (docs/repository-format.md).
+
+``Repository.init`` writes ``config`` (and a key file when encrypted);
+``Repository.open`` reads them back. Chunks, indexes and backup records go in
+through ``put_*`` in the format's write order; every read checks what it got.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import json
+import os
+import secrets
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from snapback.domain.errors import Conflict, InvalidInput, NotFound
+from snapback.repository.backends import Backend
+from snapback.repository.backends.local import LocalBackend
+from snapback.repository.sealing import (
+    CHUNK,
+    INDEX,
+    RECORD,
+    DamagedObject,
+    MasterKeys,
+    RepositoryError,
+    Sealer,
+    open_keys,
+    seal_keys,
+)
+
+FORMAT, VERSION = "snapback-repository", 1
+CHUNK_SIZE = 4 << 20
+LOCK_REFRESH_S = 60.0
+LOCK_STALE_S = 15 * 60.0
+
+
+def open_backend(url: str) -> Backend:
+    """A repository location: a folder path, or ``s3://bucket[/prefix]?endpoint=...``."""
+    if url.startswith("s3://"):
+        s3 = importlib.import_module("snapback.repository.backends.s3")  # needs boto3
+        backend: Backend = s3.S3Backend.from_url(url, dict(os.environ))
+        return backend
+    if "://" in url:
+        raise InvalidInput(f"unknown repository location {url!r} (a folder or s3://...)")
+    return LocalBackend(url)
+
+
+def chunk_key(chunk_id: str) -> str:
+    return f"chunks/{chunk_id[:2]}/{chunk_id}"
+
+
+def new_backup_id() -> str:
+    return time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + secrets.token_hex(4)
+
+
+@dataclass(frozen=True)
+class Config:
+    id: str
+    chunk_size: int
+    encrypted: bool
+
+
+class Repository:
+    def __init__(self, backend: Backend, config: Config, sealer: Sealer) -> None:
+        self.backend, self.config, self.sealer = backend, config, sealer
+
+    # -- life ------------------------------------------------------------------------
+    @classmethod
+    def init(cls, backend: Backend, passphrase: str | None = None) -> Repository:
+        if backend.exists("config"):
+            raise Conflict(f"{backend.url} already holds a repository")
+        doc: dict[str, Any] = {
+            "format": FORMAT,
+            "version": VERSION,
+            "id": str(uuid.uuid4()),
+            "chunk_size": CHUNK_SIZE,
+            "hash": "blake2b-256",
+            "compression": "zstd",
+            "encryption": None,
+        }
+        keys = None
+        if passphrase is not None:
+            if len(passphrase) < 8:
+                raise InvalidInput("a repository passphrase needs at least 8 characters")
+            keys = MasterKeys.generate()
+            doc["encryption"] = {"cipher": "aes-256-gcm", "kdf": "argon2id"}
+            backend.put(f"keys/{secrets.token_hex(8)}", seal_keys(keys, passphrase))
+        if not backend.put("config", json.dumps(doc, indent=1).encode()):
+            raise Conflict(f"{backend.url} already holds a repository")
+        return cls(backend, Config(doc["id"], CHUNK_SIZE, keys is not None), Sealer(keys))
+
+    @classmethod
+    def open(cls, backend: Backend, passphrase: str | None = None) -> Repository:
+        try:
+            doc = json.loads(backend.get("config"))
+        except NotFound as exc:
+            raise NotFound(f"{backend.url} holds no snapback repository ('repo init' it)") from exc
+        except ValueError as exc:
+            raise DamagedObject(f"{backend.url}: config is not readable JSON") from exc
+        if doc.get("format") != FORMAT:
+            raise RepositoryError(f"{backend.url} is not a snapback repository")
+        if int(doc.get("version", 0)) > VERSION:
+            raise RepositoryError(
+                f"{backend.url} has format version {doc['version']}; this snapback reads "
+                f"up to {VERSION}: upgrade snapback"
+            )
+        keys = None
+        if doc.get("encryption"):
+            if passphrase is None:
+                raise InvalidInput(
+                    "the repository is encrypted: give its passphrase "
+                    "(SNAPBACK_REPO_PASSPHRASE or --passphrase-file)"
+                )
+            keys = cls._unlock(backend, passphrase)
+        return cls(
+            backend, Config(doc["id"], int(doc["chunk_size"]), keys is not None), Sealer(keys)
+        )
+
+    @staticmethod
+    def _unlock(backend: Backend, passphrase: str) -> MasterKeys:
+        from snapback.repository.sealing import WrongPassphrase
+
+        last: Exception | None = None
+        for info in backend.list_objects("keys/"):
+            try:
+                return open_keys(backend.get(info.key), passphrase)
+            except WrongPassphrase as exc:
+                last = exc
+        raise last or RepositoryError(f"{backend.url} is encrypted but has no key file")
+
+    # -- chunks ----------------------------------------------------------------------
+    def chunk_id(self, data: bytes) -> str:
+        return self.sealer.content_id(data)
+
+    def put_chunk(self, data: bytes, chunk_id: str | None = None) -> tuple[str, bool]:
+        """Store a chunk once; (id, True when new)."""
+        cid = chunk_id or self.chunk_id(data)
+        key = chunk_key(cid)
+        if self.backend.exists(key):  # safe: gc does not sweep while our lock lives
+            return cid, False
+        written = self.backend.put(key, self.sealer.seal(CHUNK, key, data))
+        if not written:  # appeared meanwhile (another backup): it is fresh
+            return cid, False
+        return cid, True
+
+    def get_chunk(self, chunk_id: str) -> bytes:
+        key = chunk_key(chunk_id)
+        data = self.sealer.open(CHUNK, key, self.backend.get(key), max_plain=self.config.chunk_size)
+        if self.chunk_id(data) != chunk_id:
+            raise DamagedObject(f"chunk {chunk_id} does not hold the data its name says")
+        return data
+
+    # -- indexes and records ------------------------------------------------------------
+    def _put_json(self, kind: int, prefix: str, doc: dict[str, Any], name: str | None) -> str:
+        plain = json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
+        oid = name or self.sealer.content_id(plain)
+        key = f"{prefix}/{oid}"
+        if not self.backend.put(key, self.sealer.seal(kind, key, plain)) and name is not None:
+            raise Conflict(f"{key} already exists in {self.backend.url}")
+        return oid
+
+    def _get_json(self, kind: int, prefix: str, oid: str, *, content_named: bool) -> Any:
+        key = f"{prefix}/{oid}"
+        try:
+            blob = self.backend.get(key)
+        except NotFound as exc:
+            raise NotFound(f"{key} is missing from {self.backend.url}") from exc
+        plain = self.sealer.open(kind, key, blob)
+        if content_named and self.sealer.content_id(plain) != oid:
+            raise DamagedObject(f"{key} does not hold what its name says")
+        try:
+            return json.loads(plain)
+        except ValueError as exc:
+            raise DamagedObject(f"{key} is not readable") from exc
+
+    def put_index(self, doc: dict[str, Any]) -> str:
+        return self._put_json(INDEX, "indexes", doc, None)
+
+    def get_index(self, index_id: str) -> dict[str, Any]:
+        doc: dict[str, Any] = self._get_json(INDEX, "indexes", index_id, content_named=True)
+        return doc
+
+    def put_record(self, record: dict[str, Any]) -> str:
+        return self._put_json(RECORD, "backups", record, str(record["id"]))
+
+    def get_record(self, backup_id: str) -> dict[str, Any]:
+        if "/" in backup_id or not backup_id:
+            raise InvalidInput(f"invalid backup id {backup_id!r}")
+        doc: dict[str, Any] = self._get_json(RECORD, "backups", backup_id, content_named=False)
+        if doc.get("id") != backup_id:
+            raise DamagedObject(f"backup record {backup_id} names itself {doc.get('id')!r}")
+        return doc
+
+    def backup_ids(self) -> list[str]:
+        return sorted(i.key.split("/", 1)[1] for i in self.backend.list_objects("backups/"))
+
+    def delete_record(self, backup_id: str) -> None:
+        self.get_record(backup_id)  # exists and is ours
+        self.backend.delete(f"backups/{backup_id}")
+
+    # -- locks ------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def backup_lock(
+        self, backup_id: str, parent: str | None, wait: float = 600.0
+    ) -> Iterator[None]:
+        """Announce a running backup (gc then sweeps nothing); waits while a gc sweeps."""
+        deadline = time.monotonic() + wait
+        while True:
+            with self._lock("backup", backup_id, {"parent": parent}):
+                if not self.live_locks("gc"):
+                    yield
+                    return
+            if time.monotonic() > deadline:
+                raise RepositoryError(f"{self.backend.url}: a gc has been sweeping for too long")
+            time.sleep(1.0)
+
+    @contextlib.contextmanager
+    def gc_lock(self, gc_id: str) -> Iterator[bool]:
+        """Hold the gc lock; yields True when no backup runs (sweeping is safe)."""
+        with self._lock("gc", gc_id, {}):
+            yield not self.live_locks("backup")
+
+    @contextlib.contextmanager
+    def _lock(self, kind: str, lock_id: str, extra: dict[str, Any]) -> Iterator[None]:
+        """Write ``locks/<kind>-<id>``, refresh it in the background, remove it at the end."""
+        key = f"locks/{kind}-{lock_id}"
+        started = time.time()
+        stop = threading.Event()
+
+        def write() -> None:
+            doc = {"kind": kind, "id": lock_id, "started": started, "at": time.time(), **extra}
+            self.backend.put(key, json.dumps(doc).encode(), overwrite=True)
+
+        write()
+
+        def refresh() -> None:
+            while not stop.wait(LOCK_REFRESH_S):
+                with contextlib.suppress(Exception):
+                    write()
+
+        thread = threading.Thread(target=refresh, daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            thread.join()
+            self.backend.delete(key)
+
+    def live_locks(self, kind: str) -> list[dict[str, Any]]:
+        now, found = time.time(), []
+        for info in self.backend.list_objects("locks/"):
+            if not info.key.startswith(f"locks/{kind}-"):
+                continue
+            with contextlib.suppress(NotFound, ValueError):
+                doc = json.loads(self.backend.get(info.key))
+                if now - float(doc.get("at", 0)) < LOCK_STALE_S:
+                    found.append(doc)
+        return found

@@ -1,0 +1,165 @@
+"""Sealed objects: content ids, zstd compression, AES-256-GCM, passphrase keys.
+
+See docs/repository-format.md ("Sealed objects", "Keys"). The order on reading
+is fixed: header checks, authentication (encrypted), bounded decompression,
+then the caller compares the content hash with the object's name.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import struct
+from dataclasses import dataclass
+
+import zstandard
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.argon2 import Argon2id
+
+from snapback.domain.errors import InvalidInput, StorageError
+
+CHUNK, INDEX, RECORD = 1, 2, 3
+FLAG_ZSTD, FLAG_ENCRYPTED = 1, 2
+HEADER = struct.Struct(">BBI")
+NONCE = 12
+MAX_PLAIN = 64 << 20
+KDF = {"memory_kib": 65536, "iterations": 3, "lanes": 1}
+
+
+class RepositoryError(StorageError):
+    """The repository cannot be used as asked."""
+
+
+class DamagedObject(RepositoryError):
+    """An object fails its checks: truncated, altered, or not what its name says."""
+
+
+class WrongPassphrase(InvalidInput):
+    pass
+
+
+@dataclass(frozen=True)
+class MasterKeys:
+    data_key: bytes  # AES-256-GCM for every sealed object
+    id_key: bytes  # BLAKE2b key for content ids
+
+    @classmethod
+    def generate(cls) -> MasterKeys:
+        return cls(os.urandom(32), os.urandom(32))
+
+
+def _kdf(passphrase: str, salt: bytes, params: dict[str, int]) -> bytes:
+    return Argon2id(
+        salt=salt,
+        length=32,
+        iterations=params["iterations"],
+        lanes=params["lanes"],
+        memory_cost=params["memory_kib"],
+    ).derive(passphrase.encode())
+
+
+def seal_keys(keys: MasterKeys, passphrase: str) -> bytes:
+    """A key file: the master keys sealed with a key derived from ``passphrase``."""
+    salt = os.urandom(16)
+    kek = _kdf(passphrase, salt, KDF)
+    nonce = os.urandom(NONCE)
+    plain = json.dumps({"data_key": keys.data_key.hex(), "id_key": keys.id_key.hex()})
+    sealed = nonce + AESGCM(kek).encrypt(nonce, plain.encode(), b"snapback-keys")
+    return json.dumps(
+        {"kdf": "argon2id", "salt": salt.hex(), **KDF, "sealed": sealed.hex()}
+    ).encode()
+
+
+def open_keys(blob: bytes, passphrase: str) -> MasterKeys:
+    try:
+        doc = json.loads(blob)
+        params = {k: int(doc[k]) for k in KDF}
+        if doc["kdf"] != "argon2id" or params["memory_kib"] > 4 << 20:
+            raise ValueError("unsupported key derivation")
+        kek = _kdf(passphrase, bytes.fromhex(doc["salt"]), params)
+        sealed = bytes.fromhex(doc["sealed"])
+    except (ValueError, KeyError, TypeError) as exc:
+        raise DamagedObject(f"the key file is damaged: {exc}") from exc
+    try:
+        plain = AESGCM(kek).decrypt(sealed[:NONCE], sealed[NONCE:], b"snapback-keys")
+    except InvalidTag as exc:
+        raise WrongPassphrase("wrong passphrase for this repository") from exc
+    keys = json.loads(plain)
+    return MasterKeys(bytes.fromhex(keys["data_key"]), bytes.fromhex(keys["id_key"]))
+
+
+class Sealer:
+    """Seals and opens objects for one repository (``keys`` None: not encrypted)."""
+
+    def __init__(self, keys: MasterKeys | None, level: int = 3) -> None:
+        self.keys = keys
+        self._aead = AESGCM(keys.data_key) if keys else None
+        self._level = level
+
+    def content_id(self, plain: bytes) -> str:
+        key = self.keys.id_key if self.keys else b""
+        return hashlib.blake2b(plain, digest_size=32, key=key).hexdigest()
+
+    def seal(self, kind: int, name: str, plain: bytes) -> bytes:
+        if len(plain) > MAX_PLAIN:
+            raise RepositoryError(f"object {name} is too large ({len(plain)} bytes)")
+        payload = zstandard.ZstdCompressor(level=self._level).compress(plain)
+        flags = FLAG_ZSTD
+        if self._aead is not None:
+            flags |= FLAG_ENCRYPTED
+        header = HEADER.pack(kind, flags, len(plain))
+        if self._aead is None:
+            return header + payload
+        nonce = os.urandom(NONCE)
+        return header + nonce + self._aead.encrypt(nonce, payload, header + name.encode())
+
+    def open(self, kind: int, name: str, blob: bytes, *, max_plain: int = MAX_PLAIN) -> bytes:
+        if len(blob) < HEADER.size:
+            raise DamagedObject(f"object {name} is truncated ({len(blob)} bytes)")
+        header = blob[: HEADER.size]
+        got_kind, flags, length = HEADER.unpack(header)
+        if got_kind != kind:
+            raise DamagedObject(f"object {name} is of type {got_kind}, expected {kind}")
+        if length > max_plain:
+            raise DamagedObject(f"object {name} declares {length} bytes, over the {max_plain} cap")
+        payload = blob[HEADER.size :]
+        if bool(flags & FLAG_ENCRYPTED) != (self._aead is not None):
+            raise DamagedObject(f"object {name}: encryption flag does not match the repository")
+        if self._aead is not None:
+            try:
+                payload = self._aead.decrypt(
+                    payload[:NONCE], payload[NONCE:], header + name.encode()
+                )
+            except InvalidTag as exc:
+                raise DamagedObject(
+                    f"object {name} fails authentication (altered or moved)"
+                ) from exc
+        if flags & FLAG_ZSTD:
+            plain = _bounded_decompress(name, payload, length)
+            if len(plain) != length:
+                raise DamagedObject(
+                    f"object {name} holds {len(plain)} bytes, its header says {length}"
+                )
+        else:
+            plain = payload
+        return plain
+
+
+def _bounded_decompress(name: str, payload: bytes, length: int) -> bytes:
+    """Decompress at most ``length`` + 1 bytes: a bomb stops at the declared size."""
+    out = bytearray()
+    try:
+        with zstandard.ZstdDecompressor().stream_reader(io.BytesIO(payload)) as reader:
+            while len(out) <= length:
+                piece = reader.read(min(1 << 20, length + 1 - len(out)))
+                if not piece:
+                    break
+                out += piece
+    except zstandard.ZstdError as exc:
+        raise DamagedObject(f"object {name} does not decompress: {exc}") from exc
+    if len(out) > length:
+        raise DamagedObject(f"object {name} decompresses past its declared {length} bytes")
+    return bytes(out)
