@@ -55,6 +55,24 @@ def chunk_ranges(size: int, chunk: int, extents: list[tuple[int, int]]) -> Itera
             yield n
 
 
+SPARSE_BLOCK = 64 << 10
+_ZERO_BLOCK = bytes(SPARSE_BLOCK)
+
+
+def data_runs(data: bytes, block: int = SPARSE_BLOCK) -> list[tuple[int, int]]:
+    """(offset, length) runs of ``data`` that are not all zero, in ``block`` steps."""
+    runs: list[tuple[int, int]] = []
+    for off in range(0, len(data), block):
+        piece = data[off : off + block]
+        if piece == _ZERO_BLOCK[: len(piece)]:
+            continue
+        if runs and runs[-1][0] + runs[-1][1] == off:
+            runs[-1] = (runs[-1][0], runs[-1][1] + len(piece))
+        else:
+            runs.append((off, len(piece)))
+    return runs
+
+
 class BackupService:
     def __init__(self, ctx: Context) -> None:
         self.ctx = ctx
@@ -218,7 +236,9 @@ class BackupService:
             wanted = [(n, cid) for n, cid in enumerate(index["chunks"]) if cid]
             with self.ctx.pool(pool_name).open(storage) as handle:
                 for done, (n, cid) in enumerate(wanted, 1):
-                    handle.write(n * chunk, repo.get_chunk(cid))
+                    data = repo.get_chunk(cid)
+                    for off, length in data_runs(data):  # zero runs stay holes
+                        handle.write(n * chunk + off, data[off : off + length])
                     if progress is not None:
                         progress(Progress(done * chunk, len(wanted) * chunk))
             op.step("written")
