@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +15,7 @@ import zstandard
 from snapback.repository.backends.local import LocalBackend
 from snapback.repository.repo import Repository, chunk_key
 from snapback.repository.sealing import CHUNK, HEADER
-from tests.conftest import Cli, assert_consistent, make_raw
+from tests.conftest import SNAPBACK, Cli, assert_consistent, make_raw
 
 MIB = 1 << 20
 PASS = {"SNAPBACK_REPO_PASSPHRASE": "correct horse battery"}
@@ -89,9 +90,11 @@ def test_full_and_incremental_restore_byte_identical(cli: Cli, repo: str, tmp_pa
     assert_consistent(Context(load_settings(ctx_home)))
 
 
-def test_verify_finds_every_kind_of_damage(cli: Cli, repo: str, tmp_path: Path) -> None:
+def test_verify_finds_damage_and_a_later_backup_repairs_it(
+    cli: Cli, repo: str, tmp_path: Path
+) -> None:
     cli("volume", "import", "v", "--file", str(disk(tmp_path)))
-    b = backup(cli, "v", repo)
+    b = backup(cli, "v", repo, "--full")
     ok = cli.json("backup", "verify", b["id"], "--repo", repo, "--read-data")
     assert ok["ok"] and ok["chunks"] == 2
     chunks = sorted(p for p in (Path(repo) / "chunks").rglob("*") if p.is_file())
@@ -102,19 +105,21 @@ def test_verify_finds_every_kind_of_damage(cli: Cli, repo: str, tmp_path: Path) 
     cut.write_bytes(cut.read_bytes()[:100])
     quick = cli("backup", "verify", b["id"], "--repo", repo, "--format", "json", check=False)
     assert quick.returncode == 0  # without --read-data only presence is checked
-    deep = cli("backup", "verify", b["id"], "--repo", repo, "--read-data", "--format", "json",
-               check=False)  # fmt: skip
+    deep = cli("backup", "verify", b["id"], "--repo", repo, "--read-data", check=False)
     assert deep.returncode == 8
-    report = deep.json()
-    assert sorted(report["damaged"]) == sorted([flipped.name, cut.name])
-    cut.unlink()
+    assert f"damaged {flipped.name}" in deep.stdout and f"damaged {cut.name}" in deep.stdout
+    # both were quarantined: the backup now misses them, a later one never reuses them
     gone = cli("backup", "verify", b["id"], "--repo", repo, "--format", "json", check=False)
-    assert gone.returncode == 8 and gone.json()["missing"] == [cut.name]
-    text = cli("backup", "verify", b["id"], "--repo", repo, "--read-data", check=False).stdout
-    assert f"missing {cut.name}" in text and f"damaged {flipped.name}" in text
+    assert gone.returncode == 8 and sorted(gone.json()["missing"]) == sorted(
+        [cut.name, flipped.name]
+    )
+    assert (Path(repo) / "quarantine" / flipped.name).is_file()
     res = cli("backup", "restore", b["id"], "--repo", repo, "--to-volume", "r", check=False)
-    assert res.returncode != 0
-    assert [v["name"] for v in cli.json("volume", "list")] == ["v"]  # the half restore went
+    assert res.returncode == 3 and [v["name"] for v in cli.json("volume", "list")] == ["v"]
+    again = backup(cli, "v", repo)
+    assert again["stats"]["new_chunks"] == 2  # stored again from the source
+    for backup_id in (b["id"], again["id"]):  # which also repaired the first backup
+        assert cli.json("backup", "verify", backup_id, "--repo", repo, "--read-data")["ok"]
 
 
 def test_encryption_passphrase_tampering_and_bombs(cli: Cli, tmp_path: Path) -> None:
@@ -174,3 +179,48 @@ def test_backup_killed_at_each_step(cli: Cli, repo: str, tmp_path: Path, step: s
     from snapback.services.context import Context
 
     assert_consistent(Context(load_settings(cli.home)))
+
+
+def test_gc_removes_only_the_unreferenced_and_never_races_a_backup(
+    cli: Cli, repo: str, tmp_path: Path
+) -> None:
+    big = make_raw(tmp_path / "big.raw", 96 * MIB, {i * MIB: os.urandom(MIB) for i in range(96)})
+    cli("volume", "import", "big", "--file", str(big))
+    cli("volume", "import", "v", "--file", str(disk(tmp_path)))
+    keep = backup(cli, "v", repo)
+    doomed = backup(cli, "big", repo)
+    cli("backup", "delete", doomed["id"], "--repo", repo)
+    dry = cli.json("repo", "gc", repo, "--dry-run")
+    assert dry["unreferenced_chunks"] == 24 and not dry["removed"]
+    # a backup of the same data runs while gc runs again and again
+    env = {**os.environ, "SNAPBACK_HOME": str(cli.home)}
+    runner = subprocess.Popen(
+        [SNAPBACK, "backup", "create", "big", "--repo", repo, "--format", "json"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    outcomes = set()
+    while runner.poll() is None:
+        outcomes.add(cli.json("repo", "gc", repo)["skipped"] or "removed")
+    out, err = runner.communicate()
+    assert runner.returncode == 0, err
+    raced = json.loads(out)
+    assert cli.json("repo", "gc", repo)["removed"]
+    for b in (keep, raced):  # nothing a finished or running backup referenced went
+        assert cli.json("backup", "verify", b["id"], "--repo", repo, "--read-data")["ok"]
+    assert restore_bytes(cli, raced["id"], repo, tmp_path, "r-big") == big.read_bytes()
+    check = cli.json("repo", "check", repo, "--read-data")
+    assert check["problems"] == [] and check["unreferenced"] == 0 and check["backups"] == 2
+    assert any("sweep skipped" in o for o in outcomes), outcomes  # gc ran during the backup
+
+
+def test_repo_check_names_the_backups_a_damaged_chunk_breaks(
+    cli: Cli, repo: str, tmp_path: Path
+) -> None:
+    cli("volume", "import", "v", "--file", str(disk(tmp_path)))
+    first, second = backup(cli, "v", repo, "--full"), backup(cli, "v", repo, "--full")
+    victim = next(p for p in (Path(repo) / "chunks").rglob("*") if p.is_file())
+    victim.write_bytes(victim.read_bytes()[:-1] + b"!")
+    res = cli("repo", "check", repo, "--read-data", check=False)
+    assert res.returncode == 8
+    line = next(x for x in res.stdout.splitlines() if victim.name in x)
+    assert "damaged" in line and first["id"] in line and second["id"] in line

@@ -198,3 +198,62 @@ def verify(
     )
     if not report.ok:
         raise SystemExit(EXIT_DAMAGED)
+
+
+@backup.command("delete")
+@click.argument("backup_id", metavar="BACKUP")
+@REPO_OPTION
+@PASSPHRASE_OPTION
+@FORMAT_OPTION
+def delete(backup_id: str, repo_url: str, passphrase_file: str | None, fmt: str) -> None:
+    """Delete a backup record; 'repo gc' then frees what nothing else references."""
+    repo = service().open_repo(repo_url, passphrase(passphrase_file))
+    repo.delete_record(backup_id)
+    emit(fmt, {"backup": backup_id, "result": "deleted"}, lambda r: f"{backup_id}: deleted")
+
+
+@repo.command("gc")
+@click.argument("repo_url", metavar="REPO")
+@click.option("--dry-run", is_flag=True, help="Only report what would be removed.")
+@PASSPHRASE_OPTION
+@FORMAT_OPTION
+def repo_gc(repo_url: str, dry_run: bool, passphrase_file: str | None, fmt: str) -> None:
+    """Remove chunks and indexes no backup references (never while a backup runs)."""
+    from snapback.repository.maintenance import gc
+
+    r = Repository.open(open_backend(repo_url), passphrase(passphrase_file))
+    report = gc(r, dry_run=dry_run)
+    emit(
+        fmt,
+        report,
+        lambda g: (
+            f"{g.backups} backups reference {g.referenced_chunks} chunks; "
+            f"{g.unreferenced_chunks} chunks and {g.unreferenced_indexes} indexes unreferenced "
+            f"({human_size(g.freed_bytes)}): " + ("removed" if g.removed else f"kept ({g.skipped})")
+        ),
+    )
+
+
+@repo.command("check")
+@click.argument("repo_url", metavar="REPO")
+@click.option("--read-data", is_flag=True, help="Read, authenticate and hash every chunk.")
+@PASSPHRASE_OPTION
+@FORMAT_OPTION
+def repo_check(repo_url: str, read_data: bool, passphrase_file: str | None, fmt: str) -> None:
+    """Check every backup; name each missing or damaged object and the backups it breaks
+    (exit 8)."""
+    from snapback.repository.maintenance import check
+
+    r = Repository.open(open_backend(repo_url), passphrase(passphrase_file))
+    report = check(r, read_data=read_data)
+    emit(
+        fmt,
+        report,
+        lambda c: (
+            f"{c.backups} backups, {c.chunks} chunks, {c.unreferenced} unreferenced: "
+            + ("ok" if not c.problems else "PROBLEMS")
+            + "".join(f"\n  {p}" for p in c.problems)
+        ),
+    )
+    if report.problems:
+        raise SystemExit(EXIT_DAMAGED)

@@ -144,6 +144,7 @@ class Repository:
         key = chunk_key(cid)
         if self.backend.exists(key):  # safe: gc does not sweep while our lock lives
             return cid, False
+        self.backend.delete(f"quarantine/{cid}")  # stored again: the damage is repaired
         written = self.backend.put(key, self.sealer.seal(CHUNK, key, data))
         if not written:  # appeared meanwhile (another backup): it is fresh
             return cid, False
@@ -155,6 +156,18 @@ class Repository:
         if self.chunk_id(data) != chunk_id:
             raise DamagedObject(f"chunk {chunk_id} does not hold the data its name says")
         return data
+
+    def quarantine(self, chunk_id: str) -> None:
+        """Move a chunk that failed its checks out of ``chunks/`` (kept for forensics in
+        ``quarantine/``), so no later backup reuses it: the next one that reads the same
+        data stores it again, which also repairs the older backups naming it."""
+        key = chunk_key(chunk_id)
+        with contextlib.suppress(NotFound):
+            self.backend.put(f"quarantine/{chunk_id}", self.backend.get(key), overwrite=True)
+        self.backend.delete(key)
+
+    def quarantined(self) -> set[str]:
+        return {i.key.rsplit("/", 1)[1] for i in self.backend.list_objects("quarantine/")}
 
     # -- indexes and records ------------------------------------------------------------
     def _put_json(self, kind: int, prefix: str, doc: dict[str, Any], name: str | None) -> str:

@@ -174,6 +174,7 @@ class BackupService:
             old = repo.get_index(parent["disks"][0]["index"])
             if old.get("size") == size:
                 before = list(old["chunks"])
+        bad = repo.quarantined()  # failed verification: stored again, never reused
         extents = driver.allocated_extents(vol.storage_name, snap)
         todo = list(chunk_ranges(size, chunk, extents))
         stats = {"read_bytes": 0, "new_chunks": 0, "new_bytes": 0, "reused_chunks": 0}
@@ -184,7 +185,7 @@ class BackupService:
                 if data.count(0) == len(data):
                     continue
                 cid = repo.chunk_id(data)
-                if before and n < len(before) and before[n] == cid:
+                if before and n < len(before) and before[n] == cid and cid not in bad:
                     ids[n] = cid
                     stats["reused_chunks"] += 1
                 else:
@@ -282,6 +283,7 @@ class BackupService:
                         missing.append(cid)
                     except DamagedObject:
                         damaged.append(cid)
+                        repo.quarantine(cid)  # never reused by a later backup
                 if progress is not None:
                     progress(Progress(done, len(ids)))
         return VerifyReport(backup_id, total, checked, missing, damaged)

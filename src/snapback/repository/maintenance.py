@@ -1,0 +1,135 @@
+"""Repository upkeep: gc (with the lock handshake of docs/repository-format.md) and check."""
+
+from __future__ import annotations
+
+import contextlib
+import secrets
+from dataclasses import dataclass, field
+
+from snapback.domain.errors import NotFound
+from snapback.repository.repo import LOCK_STALE_S, Repository, chunk_key
+from snapback.repository.sealing import DamagedObject
+
+
+@dataclass
+class GcReport:
+    backups: int = 0
+    referenced_chunks: int = 0
+    unreferenced_chunks: int = 0
+    unreferenced_indexes: int = 0
+    freed_bytes: int = 0
+    removed: bool = False
+    skipped: str | None = None  # why nothing was removed
+    stale_locks: list[str] = field(default_factory=list)
+
+
+def referenced(repo: Repository) -> tuple[set[str], set[str], int]:
+    """(index ids, chunk ids, backups) that the backup records reference."""
+    indexes: set[str] = set()
+    chunks: set[str] = set()
+    ids = repo.backup_ids()
+    for backup_id in ids:
+        record = repo.get_record(backup_id)
+        for disk in record["disks"]:
+            indexes.add(disk["index"])
+            chunks.update(c for c in repo.get_index(disk["index"])["chunks"] if c)
+    return indexes, chunks, len(ids)
+
+
+def gc(repo: Repository, *, dry_run: bool = False) -> GcReport:
+    """Remove indexes and chunks no backup record references.
+
+    Never while a backup runs: the gc lock is written first, then the backup
+    locks are read; a live one means "sweep skipped" (the report says so).
+    """
+    report = GcReport()
+    with repo.gc_lock(secrets.token_hex(6)) as safe:
+        indexes, chunks, report.backups = referenced(repo)
+        report.referenced_chunks = len(chunks)
+        doomed = [
+            (info.key, info.size)
+            for info in repo.backend.list_objects("chunks/")
+            if info.key.rsplit("/", 1)[1] not in chunks
+        ]
+        doomed += [
+            (info.key, info.size)
+            for info in repo.backend.list_objects("indexes/")
+            if info.key.rsplit("/", 1)[1] not in indexes
+        ]
+        report.unreferenced_chunks = sum(1 for k, _ in doomed if k.startswith("chunks/"))
+        report.unreferenced_indexes = len(doomed) - report.unreferenced_chunks
+        report.freed_bytes = sum(size for _, size in doomed)
+        if dry_run:
+            report.skipped = "dry run"
+        elif not safe:
+            report.skipped = "backups are running; sweep skipped (run gc again later)"
+        else:
+            for key, _ in doomed:
+                repo.backend.delete(key)
+            report.removed = True
+        report.stale_locks = _stale_locks(repo, remove=not dry_run)
+    return report
+
+
+def _stale_locks(repo: Repository, *, remove: bool) -> list[str]:
+    import json
+    import time
+
+    stale = []
+    for info in repo.backend.list_objects("locks/"):
+        with contextlib.suppress(NotFound, ValueError):
+            doc = json.loads(repo.backend.get(info.key))
+            if time.time() - float(doc.get("at", 0)) >= LOCK_STALE_S:
+                stale.append(info.key)
+                if remove:
+                    repo.backend.delete(info.key)
+    return stale
+
+
+@dataclass
+class CheckReport:
+    backups: int = 0
+    chunks: int = 0
+    read_bytes: int = 0
+    problems: list[str] = field(default_factory=list)  # one line each: what and which backups
+    unreferenced: int = 0
+
+
+def check(repo: Repository, *, read_data: bool = False) -> CheckReport:
+    """Every record readable, every index and chunk present (and intact with read_data);
+    each damaged or missing object is named with the backups it breaks."""
+    report = CheckReport()
+    users: dict[str, list[str]] = {}
+    for backup_id in repo.backup_ids():
+        report.backups += 1
+        try:
+            record = repo.get_record(backup_id)
+        except (NotFound, DamagedObject) as exc:
+            report.problems.append(f"backup {backup_id}: record unreadable ({exc})")
+            continue
+        for disk in record["disks"]:
+            try:
+                index = repo.get_index(disk["index"])
+            except (NotFound, DamagedObject) as exc:
+                report.problems.append(f"index {disk['index']} ({exc}) breaks {backup_id}")
+                continue
+            for cid in {c for c in index["chunks"] if c}:
+                users.setdefault(cid, []).append(backup_id)
+    report.chunks = len(users)
+    for cid, backups in sorted(users.items()):
+        problem = None
+        if read_data:
+            try:
+                report.read_bytes += len(repo.get_chunk(cid))
+            except NotFound:
+                problem = "missing"
+            except DamagedObject:
+                problem = "damaged (quarantined: the next backup of that data stores it again)"
+                repo.quarantine(cid)
+        elif repo.backend.stat(chunk_key(cid)) is None:
+            problem = "missing"
+        if problem:
+            report.problems.append(f"chunk {cid} {problem}; breaks {', '.join(sorted(backups))}")
+    stored = {i.key.rsplit("/", 1)[1] for i in repo.backend.list_objects("chunks/")}
+    report.unreferenced = len(stored - set(users))
+    return report
