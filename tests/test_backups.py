@@ -224,3 +224,28 @@ def test_repo_check_names_the_backups_a_damaged_chunk_breaks(
     assert res.returncode == 8
     line = next(x for x in res.stdout.splitlines() if victim.name in x)
     assert "damaged" in line and first["id"] in line and second["id"] in line
+
+
+def test_sync_copies_only_what_the_offsite_lacks(cli: Cli, tmp_path: Path) -> None:
+    src, dst, alien = (str(tmp_path / n) for n in ("src", "dst", "alien"))
+    cli("repo", "init", src, "--encrypt", env=PASS)
+    cli("repo", "init", dst, "--copy-keys-from", src, env=PASS)
+    cli("repo", "init", alien, "--encrypt", env=PASS)
+    data = disk(tmp_path)
+    cli("volume", "import", "v", "--file", str(data))
+    first = backup(cli, "v", src, env=PASS)
+    done = cli("repo", "sync", src, dst, "--format", "json", env=PASS).json()
+    assert done["copied"] == {"chunks": 2, "indexes": 1, "backups": 1}
+    again = backup(cli, "v", src, env=PASS)  # nothing new: only an index and a record
+    second = cli("repo", "sync", src, dst, "--format", "json", env=PASS).json()
+    assert second["copied"] == {"backups": 1} and second["present"] == 4
+    ids = [
+        b["id"] for b in cli("backup", "list", "--repo", dst, "--format", "json", env=PASS).json()
+    ]
+    assert ids == [first["id"], again["id"]]
+    cli("backup", "restore", again["id"], "--repo", dst, "--to-volume", "off", env=PASS)
+    out = tmp_path / "off.raw"
+    cli("volume", "export", "off", "--file", str(out))
+    assert out.read_bytes() == data.read_bytes()
+    res = cli("repo", "sync", src, alien, check=False, env=PASS)
+    assert res.returncode == 6 and "names content differently" in res.stderr

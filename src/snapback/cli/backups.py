@@ -63,14 +63,26 @@ def repo() -> None:
 @repo.command("init")
 @click.argument("repo_url", metavar="REPO")
 @click.option("--encrypt", is_flag=True, help="Encrypt with a passphrase (AES-256-GCM, Argon2id).")
+@click.option(
+    "--copy-keys-from",
+    "keys_from",
+    metavar="REPO",
+    help="Share another repository's keys (needed to 'repo sync' into this one when "
+    "that one is encrypted); the passphrase opens both.",
+)
 @PASSPHRASE_OPTION
 @FORMAT_OPTION
-def init(repo_url: str, encrypt: bool, passphrase_file: str | None, fmt: str) -> None:
+def init(
+    repo_url: str, encrypt: bool, keys_from: str | None, passphrase_file: str | None, fmt: str
+) -> None:
     """Create an empty repository."""
-    secret = passphrase(passphrase_file) if encrypt else None
+    secret = passphrase(passphrase_file) if encrypt or keys_from else None
+    source = Repository.open(open_backend(keys_from), secret) if keys_from else None
+    if source is not None and not source.config.encrypted:
+        secret = None
     if encrypt and not secret:
         raise InvalidInput("--encrypt needs a passphrase (SNAPBACK_REPO_PASSPHRASE or a file)")
-    r = Repository.init(open_backend(repo_url), secret)
+    r = Repository.init(open_backend(repo_url), secret, keys_from=source)
     out = {"repository": repo_url, "id": r.config.id, "encrypted": r.config.encrypted}
     emit(fmt, out, lambda o: f"initialised {repo_url} (encrypted: {o['encrypted']})")
 
@@ -257,3 +269,27 @@ def repo_check(repo_url: str, read_data: bool, passphrase_file: str | None, fmt:
     )
     if report.problems:
         raise SystemExit(EXIT_DAMAGED)
+
+
+@repo.command("sync")
+@click.argument("repo_url", metavar="REPO")
+@click.argument("other_url", metavar="OTHER_REPO")
+@PASSPHRASE_OPTION
+@FORMAT_OPTION
+def repo_sync(repo_url: str, other_url: str, passphrase_file: str | None, fmt: str) -> None:
+    """Copy to OTHER_REPO (the offsite copy) the chunks, indexes and backups it lacks."""
+    from snapback.repository.maintenance import sync
+
+    secret = passphrase(passphrase_file)
+    report = sync(
+        Repository.open(open_backend(repo_url), secret),
+        Repository.open(open_backend(other_url), secret),
+    )
+    emit(
+        fmt,
+        report,
+        lambda r: (
+            f"copied {r.copied or 'nothing'} ({human_size(r.copied_bytes)}); "
+            f"{r.present} already there"
+        ),
+    )

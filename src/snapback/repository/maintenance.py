@@ -133,3 +133,39 @@ def check(repo: Repository, *, read_data: bool = False) -> CheckReport:
     stored = {i.key.rsplit("/", 1)[1] for i in repo.backend.list_objects("chunks/")}
     report.unreferenced = len(stored - set(users))
     return report
+
+
+@dataclass
+class SyncReport:
+    copied: dict[str, int] = field(default_factory=dict)  # prefix -> objects copied
+    copied_bytes: int = 0
+    present: int = 0
+
+
+PROBE = b"snapback content-id probe"
+
+
+def sync(source: Repository, target: Repository) -> SyncReport:
+    """Copy what ``target`` lacks, in the format's write order (chunks, indexes, records),
+    so an interrupted sync leaves the target consistent and a rerun finishes it. Sealed
+    objects are copied as they are: both repositories must name content alike (both
+    unencrypted, or the target made with ``repo init --copy-keys-from``)."""
+    from snapback.repository.sealing import RepositoryError
+
+    if source.sealer.content_id(PROBE) != target.sealer.content_id(PROBE):
+        raise RepositoryError(
+            f"{target.backend.url} names content differently from {source.backend.url}; "
+            "make it with 'repo init OTHER --copy-keys-from SOURCE' (or both unencrypted)"
+        )
+    report = SyncReport()
+    for prefix in ("chunks/", "indexes/", "backups/"):
+        have = {i.key for i in target.backend.list_objects(prefix)}
+        for info in source.backend.list_objects(prefix):
+            if info.key in have:
+                report.present += 1
+                continue
+            blob = source.backend.get(info.key)
+            target.backend.put(info.key, blob)
+            report.copied[prefix.rstrip("/")] = report.copied.get(prefix.rstrip("/"), 0) + 1
+            report.copied_bytes += len(blob)
+    return report

@@ -72,7 +72,11 @@ class Repository:
 
     # -- life ------------------------------------------------------------------------
     @classmethod
-    def init(cls, backend: Backend, passphrase: str | None = None) -> Repository:
+    def init(
+        cls, backend: Backend, passphrase: str | None = None, *, keys_from: Repository | None = None
+    ) -> Repository:
+        """A new repository; ``keys_from``: share that repository's master keys (same
+        content ids, so ``repo sync`` copies objects as they are)."""
         if backend.exists("config"):
             raise Conflict(f"{backend.url} already holds a repository")
         doc: dict[str, Any] = {
@@ -84,11 +88,13 @@ class Repository:
             "compression": "zstd",
             "encryption": None,
         }
-        keys = None
+        keys = keys_from.sealer.keys if keys_from is not None else None
+        if keys is not None and passphrase is None:
+            raise InvalidInput("the source repository is encrypted: give a passphrase")
         if passphrase is not None:
             if len(passphrase) < 8:
                 raise InvalidInput("a repository passphrase needs at least 8 characters")
-            keys = MasterKeys.generate()
+            keys = keys or MasterKeys.generate()
             doc["encryption"] = {"cipher": "aes-256-gcm", "kdf": "argon2id"}
             backend.put(f"keys/{secrets.token_hex(8)}", seal_keys(keys, passphrase))
         if not backend.put("config", json.dumps(doc, indent=1).encode()):

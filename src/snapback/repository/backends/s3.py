@@ -128,7 +128,8 @@ class S3Backend(Backend):
         self.prefix = _clean_prefix(prefix)
         self.region = region
         self.read_timeout = read_timeout
-        self.url = f"s3://{bucket}/{self.prefix}?endpoint={self.endpoint}"
+        path = f"/{self.prefix}" if self.prefix else ""
+        self.url = f"s3://{bucket}{path}?endpoint={self.endpoint}"
         config = Config(
             region_name=region,
             signature_version="s3v4",
@@ -338,21 +339,21 @@ class S3Backend(Backend):
     def get(self, key: str) -> bytes:
         name = self._name(key)
         # botocore retries the request but not the reading of the body: a
-        # connection that breaks mid-body is retried here, a few times.
+        # connection that breaks mid-body is retried here, twice.
         for attempt in range(3):
             try:
                 response = self._client.get_object(Bucket=self.bucket, Key=name)
-                body = response["Body"]
-                try:
-                    return bytes(body.read())  # raises if fewer bytes than Content-Length
-                finally:
-                    body.close()
             except botocore.exceptions.ClientError as exc:
                 if _error_code(exc) in ("NoSuchKey", "NotFound") or (
                     _status(exc) == 404 and _error_code(exc) != "NoSuchBucket"
                 ):
                     raise NotFound(f"object {key} is missing from {self.url}") from exc
                 raise self._error(exc, f"reading {key}") from exc
+            except botocore.exceptions.BotoCoreError as exc:
+                raise self._error(exc, f"reading {key}") from exc
+            body = response["Body"]
+            try:
+                return bytes(body.read())  # raises if fewer bytes than Content-Length came
             except (
                 botocore.exceptions.ResponseStreamingError,
                 botocore.exceptions.IncompleteReadError,
@@ -362,6 +363,8 @@ class S3Backend(Backend):
                     raise self._error(exc, f"reading {key}") from exc
             except botocore.exceptions.BotoCoreError as exc:
                 raise self._error(exc, f"reading {key}") from exc
+            finally:
+                body.close()
         raise AssertionError("unreachable")  # pragma: no cover
 
     def stat(self, key: str) -> ObjectInfo | None:
