@@ -249,3 +249,69 @@ def test_sync_copies_only_what_the_offsite_lacks(cli: Cli, tmp_path: Path) -> No
     assert out.read_bytes() == data.read_bytes()
     res = cli("repo", "sync", src, alien, check=False, env=PASS)
     assert res.returncode == 6 and "names content differently" in res.stderr
+
+
+def test_restore_at_a_time_picks_the_last_backup_before_it(
+    cli: Cli, repo: str, tmp_path: Path
+) -> None:
+    import time
+
+    src = disk(tmp_path)
+    cli("volume", "import", "v", "--file", str(src))
+    first = backup(cli, "v", repo)
+    time.sleep(1.5)
+    between = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() - 0.5))
+    write_at = 40 * MIB
+    from snapback.config import load_settings
+    from snapback.services.catalog_queries import live_volume
+    from snapback.services.context import Context
+    from tests.conftest import write_bytes
+
+    ctx = Context(load_settings(cli.home))
+    with ctx.sessions() as s:
+        storage = live_volume(s, "default", "v").storage_name
+    write_bytes(ctx, "default", storage, write_at, b"later" * 100)
+    backup(cli, "v", repo)
+    res = cli("backup", "restore", "--repo", repo, "--to-volume", "old", "--at", between,
+              "--of", "v", "--format", "json")  # fmt: skip
+    assert res.json()["backup"] == first["id"]
+    out = tmp_path / "old.raw"
+    cli("volume", "export", "old", "--file", str(out))
+    assert out.read_bytes() == src.read_bytes()
+    early = cli("backup", "restore", "--repo", repo, "--to-volume", "x", "--at",
+                "2000-01-01T00:00:00Z", "--of", "v", check=False)  # fmt: skip
+    assert early.returncode == 3 and "no backup of v" in early.stderr
+
+
+def test_rbd_volume_backup_restores_to_rbd_and_to_local(rbd_conf: str, tmp_path: Path) -> None:
+    from tests.rbd_fixtures import wipe
+
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "snapback.toml").write_text(
+        f'[pools.default]\ndriver = "rbd"\nconf = "{rbd_conf}"\npool = "vols"\n'
+        f'[pools.images]\ndriver = "rbd"\nconf = "{rbd_conf}"\npool = "others"\n'
+        f'[pools.files]\ndriver = "local"\npath = "{tmp_path / "files"}"\n'
+    )
+    cli = Cli(home, {})
+    repo = str(tmp_path / "repo")
+    cli("repo", "init", repo)
+    src = disk(tmp_path)
+    try:
+        cli("volume", "import", "v", "--file", str(src))
+        first = backup(cli, "v", repo)
+        assert first["source"]["driver"] == "rbd"
+        assert first["stats"]["read_bytes"] == 12 * MIB  # rbd diff: allocated objects only
+        second = backup(cli, "v", repo)
+        assert second["mode"] == "incremental" and second["stats"]["new_chunks"] == 0
+        for pool, name in (("default", "back-rbd"), ("files", "back-local")):
+            cli("backup", "restore", second["id"], "--repo", repo, "--to-volume", name,
+                "--pool", pool)  # fmt: skip
+            out = tmp_path / f"{name}.raw"
+            cli("volume", "export", name, "--pool", pool, "--file", str(out))
+            assert out.read_bytes() == src.read_bytes(), pool
+        assert cli.json("snapshot", "list", "v") == []  # the temporary snapshot went
+    finally:
+        from snapback.drivers.storage.rbd import RbdPool
+
+        wipe([RbdPool(n, conffile=rbd_conf) for n in ("vols", "others")])

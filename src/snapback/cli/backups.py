@@ -159,31 +159,56 @@ def show(backup_id: str, repo_url: str, passphrase_file: str | None, fmt: str) -
 
 
 @backup.command("restore")
-@click.argument("backup_id", metavar="BACKUP")
+@click.argument("backup_id", metavar="[BACKUP]", required=False)
 @REPO_OPTION
 @click.option("--to-volume", required=True, help="Name of the new volume.")
+@click.option(
+    "--at",
+    "at",
+    metavar="TIME",
+    help="Instead of BACKUP: the last backup of --of taken at or before TIME "
+    "(ISO 8601, e.g. 2026-11-29T01:00:00Z; no zone means UTC).",
+)
+@click.option("--of", "source", metavar="VOLUME", help="With --at: the backed-up volume's name.")
 @POOL_OPTION
 @PASSPHRASE_OPTION
 @FORMAT_OPTION
 def restore(
-    backup_id: str,
+    backup_id: str | None,
     repo_url: str,
     to_volume: str,
+    at: str | None,
+    source: str | None,
     pool: str | None,
     passphrase_file: str | None,
     fmt: str,
 ) -> None:
     """Restore a backup into a new volume (zero chunks stay holes)."""
+    svc, secret = service(), passphrase(passphrase_file)
+    if (backup_id is None) == (at is None):
+        raise InvalidInput("give either BACKUP or --at TIME (with --of VOLUME)")
+    if at is not None:
+        if not source:
+            raise InvalidInput("--at needs --of VOLUME: which volume's backups to pick from")
+        backup_id = svc.pick(repo_url, source, parse_time(at), secret)
+    assert backup_id is not None
     with progress_bar("restore", fmt) as bar:
-        out = service().restore(
-            backup_id,
-            repo_url,
-            to_volume,
-            pool=pool,
-            passphrase=passphrase(passphrase_file),
-            progress=bar,
+        out = svc.restore(
+            backup_id, repo_url, to_volume, pool=pool, passphrase=secret, progress=bar
         )
-    emit(fmt, out, lambda o: f"restored {backup_id} into {o['volume']}")
+    emit(fmt, out, lambda o: f"restored {o['backup']} into {o['volume']}")
+
+
+def parse_time(text: str) -> float:
+    from datetime import UTC, datetime
+
+    try:
+        when = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError as exc:
+        raise InvalidInput(f"cannot read time {text!r} (use ISO 8601)") from exc
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return when.timestamp()
 
 
 @backup.command("verify")

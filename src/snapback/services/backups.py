@@ -210,6 +210,17 @@ class BackupService:
     def show(self, backup_id: str, repo_url: str, passphrase: str | None = None) -> dict[str, Any]:
         return self.open_repo(repo_url, passphrase).get_record(backup_id)
 
+    def pick(self, repo_url: str, volume: str, at: float, passphrase: str | None = None) -> str:
+        """The last backup of ``volume`` taken at or before ``at`` (unix time)."""
+        found = [
+            r
+            for r in self.list_backups(repo_url, passphrase)
+            if r["source"]["name"] == volume and float(r["created_at"]) <= at
+        ]
+        if not found:
+            raise NotFound(f"no backup of {volume} taken at or before that time in {repo_url}")
+        return str(max(found, key=lambda r: float(r["created_at"]))["id"])
+
     # -- restore ---------------------------------------------------------------------------
     def restore(
         self,
