@@ -118,7 +118,7 @@ cluster_up() {
   mon_answers
 }
 
-rgw_port() { sed -n 's/^rgw_frontends = beast endpoint=127\.0\.0\.1:\([0-9]*\)$/\1/p' "$conf"; }
+rgw_port() { sed -n 's/^rgw_frontends = beast endpoint=127\.0\.0\.1:\([0-9]*\).*$/\1/p' "$conf"; }
 
 write_env() {
   {
@@ -298,7 +298,7 @@ start_rgw() {
   sed -i '/^\[client\.rgw\.x\]$/,$d' "$conf"
   cat >>"$conf" <<EOF
 [client.rgw.x]
-rgw_frontends = beast endpoint=127.0.0.1:$port
+rgw_frontends = beast endpoint=127.0.0.1:$port tcp_nodelay=1
 # its default "secure" mode needs cephx: with auth none it hangs for 300 s
 ms_mon_client_mode = crc
 rgw_thread_pool_size = 32
