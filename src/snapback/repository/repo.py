@@ -56,7 +56,10 @@ def chunk_key(chunk_id: str) -> str:
 
 
 def new_backup_id() -> str:
-    return time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + secrets.token_hex(4)
+    """``YYYYMMDDTHHMMSS.ffffffZ-<8 hex>``: sorts in time order, unique."""
+    now = time.time()
+    stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime(now)) + f".{int(now % 1 * 1e6):06d}Z"
+    return f"{stamp}-{secrets.token_hex(4)}"
 
 
 @dataclass(frozen=True)

@@ -149,11 +149,12 @@ class BackupService:
         return record
 
     def _parent(self, repo: Repository, volume_id: str) -> dict[str, Any] | None:
-        for backup_id in reversed(repo.backup_ids()):
-            record = repo.get_record(backup_id)
-            if record.get("source", {}).get("volume_id") == volume_id:
-                return record
-        return None
+        mine = [
+            r
+            for r in (repo.get_record(b) for b in repo.backup_ids())
+            if r.get("source", {}).get("volume_id") == volume_id
+        ]
+        return max(mine, key=lambda r: float(r["created_at"])) if mine else None
 
     def _store_disk(
         self,
@@ -205,7 +206,8 @@ class BackupService:
     # -- reading ---------------------------------------------------------------------------
     def list_backups(self, repo_url: str, passphrase: str | None = None) -> list[dict[str, Any]]:
         repo = self.open_repo(repo_url, passphrase)
-        return [repo.get_record(b) for b in repo.backup_ids()]
+        records = [repo.get_record(b) for b in repo.backup_ids()]
+        return sorted(records, key=lambda r: float(r["created_at"]))
 
     def show(self, backup_id: str, repo_url: str, passphrase: str | None = None) -> dict[str, Any]:
         return self.open_repo(repo_url, passphrase).get_record(backup_id)
