@@ -22,15 +22,15 @@ import contextlib
 import shutil
 from pathlib import Path
 
-from snapback.catalog.models import Image, Instance
+from snapback.catalog.models import Instance
 from snapback.domain.errors import SnapbackError
-from snapback.domain.models import ImageStatus, OperationStatus
+from snapback.domain.models import OperationStatus
 from snapback.drivers.hypervisor import snapshot_ops as ops
 from snapback.drivers.hypervisor.libvirt_driver import DomainState, LibvirtHypervisor
 from snapback.services import image_create_rbd as rbd_flow
 from snapback.services import journal
 from snapback.services.context import Context
-from snapback.services.volumes import purge
+from snapback.services.images import kill_image
 
 KIND = "instance.image_create"
 THAW_WAIT_S = 30.0
@@ -99,11 +99,4 @@ def recover(ctx: Context, op: journal.OperationRecord) -> OperationStatus:
             return finished
     if op.reached("activated"):
         return OperationStatus.RECOVERED
-    vol_id = op.data("volume").get("volume_id")
-    if vol_id:
-        purge(ctx, vol_id)
-    with ctx.transaction() as s:
-        img = s.get(Image, op.payload["image_id"])
-        if img is not None:
-            img.status, img.volume_id = ImageStatus.KILLED, None
-    return OperationStatus.ROLLED_BACK
+    return kill_image(ctx, op)

@@ -337,6 +337,11 @@ def _recover_upload(ctx: Context, op: journal.OperationRecord) -> OperationStatu
     blob = op.data("blob").get("path")
     if blob:
         Path(blob).unlink(missing_ok=True)
+    return kill_image(ctx, op)
+
+
+def kill_image(ctx: Context, op: journal.OperationRecord) -> OperationStatus:
+    """Roll a half-made image back: its volume purged, the image ``killed`` (glance's word)."""
     vol_id = op.data("volume").get("volume_id")
     if vol_id:
         purge(ctx, vol_id)

@@ -85,19 +85,7 @@ def convert(
 
     Holes and zero ranges are skipped, so the cost follows allocated data.
     """
-    argv = [binary(), "convert", "-f", src_fmt, "-O", dst_fmt]
-    if dst_fmt == "qcow2":
-        argv += ["-o", "cluster_size=65536"]
-    if progress is not None:
-        argv.append("-p")
-    argv += [src, dst]
-
-    def on_line(line: str) -> None:
-        match = _PROGRESS_RE.search(line)
-        if match and progress is not None:
-            progress(Progress(int(float(match.group(1)) / 100 * total), total))
-
-    run(argv, limits=COPY_LIMITS, on_line=on_line if progress else None)
+    convert_opts(src, src_fmt, dst, dst_fmt, progress=progress, total=total)
 
 
 def image_opts(options: dict[str, str]) -> str:
@@ -143,7 +131,9 @@ def convert_opts(
         if match and progress is not None:
             progress(Progress(int(float(match.group(1)) / 100 * total), total))
 
-    run(argv, limits=PROTOCOL_LIMITS, on_line=on_line if progress else None)
+    protocol = isinstance(src, dict) or isinstance(dst, dict)
+    limits = PROTOCOL_LIMITS if protocol else COPY_LIMITS
+    run(argv, limits=limits, on_line=on_line if progress else None)
 
 
 def commit(path: str) -> None:
