@@ -315,3 +315,21 @@ def test_rbd_volume_backup_restores_to_rbd_and_to_local(rbd_conf: str, tmp_path:
         from snapback.drivers.storage.rbd import RbdPool
 
         wipe([RbdPool(n, conffile=rbd_conf) for n in ("vols", "others")])
+
+
+def test_prune_keeps_what_the_rules_say_and_frees_the_rest(
+    cli: Cli, repo: str, tmp_path: Path
+) -> None:
+    src = disk(tmp_path)
+    cli("volume", "import", "v", "--file", str(src))
+    made = [backup(cli, "v", repo, "--full")["id"] for _ in range(4)]
+    refused = cli("repo", "prune", repo, check=False)
+    assert refused.returncode == 5 and "--keep" in refused.stderr
+    dry = cli.json("repo", "prune", repo, "--keep-last", "2", "--dry-run")
+    assert sorted(dry["keep"]) == made[2:] and sorted(dry["remove"]) == made[:2]
+    assert [b["id"] for b in cli.json("backup", "list", "--repo", repo)] == made
+    done = cli.json("repo", "prune", repo, "--keep-last", "2")
+    assert done["gc"]["removed"]
+    assert [b["id"] for b in cli.json("backup", "list", "--repo", repo)] == made[2:]
+    assert cli.json("repo", "check", repo, "--read-data")["problems"] == []
+    assert restore_bytes(cli, made[2], repo, tmp_path, "r") == src.read_bytes()

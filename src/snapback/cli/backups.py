@@ -318,3 +318,52 @@ def repo_sync(repo_url: str, other_url: str, passphrase_file: str | None, fmt: s
             f"{r.present} already there"
         ),
     )
+
+
+@repo.command("prune")
+@click.argument("repo_url", metavar="REPO")
+@click.option("--keep-last", type=int, default=0, help="Keep the N newest backups of each source.")
+@click.option("--keep-hourly", type=int, default=0)
+@click.option("--keep-daily", type=int, default=0)
+@click.option("--keep-weekly", type=int, default=0)
+@click.option("--keep-monthly", type=int, default=0)
+@click.option("--keep-yearly", type=int, default=0)
+@click.option("--dry-run", is_flag=True, help="Only say what would be kept and removed.")
+@PASSPHRASE_OPTION
+@FORMAT_OPTION
+def repo_prune(
+    repo_url: str,
+    keep_last: int,
+    keep_hourly: int,
+    keep_daily: int,
+    keep_weekly: int,
+    keep_monthly: int,
+    keep_yearly: int,
+    dry_run: bool,
+    passphrase_file: str | None,
+    fmt: str,
+) -> None:
+    """Remove the backups no --keep-* rule keeps (per source), then gc the repository."""
+    from snapback.repository.maintenance import gc
+    from snapback.repository.prune import Policy, plan
+
+    policy = Policy(keep_last, keep_hourly, keep_daily, keep_weekly, keep_monthly, keep_yearly)
+    if policy.empty():
+        raise InvalidInput("give at least one --keep-* rule (prune never empties a repository)")
+    r = Repository.open(open_backend(repo_url), passphrase(passphrase_file))
+    records = [r.get_record(b) for b in r.backup_ids()]
+    decided = plan(records, policy)
+    freed = None
+    if not dry_run:
+        for backup_id in decided.remove:
+            r.delete_record(backup_id)
+        freed = gc(r)
+    out = {"keep": decided.keep, "remove": decided.remove, "dry_run": dry_run, "gc": freed}
+    emit(
+        fmt,
+        out,
+        lambda o: "\n".join(
+            [f"keep   {k} ({', '.join(why)})" for k, why in sorted(o["keep"].items())]
+            + [f"{'would remove' if dry_run else 'removed'} {k}" for k in o["remove"]]
+        ),
+    )
