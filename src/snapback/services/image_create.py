@@ -21,7 +21,6 @@ half image back, so the instance is left as it was and no temp file stays.
 
 from __future__ import annotations
 
-import hashlib
 import shutil
 import time
 from dataclasses import dataclass
@@ -38,9 +37,11 @@ from snapback.drivers.hypervisor.libvirt_driver import DomainState
 from snapback.drivers.imagefmt import qemu_img
 from snapback.drivers.storage.base import ProgressFn
 from snapback.services import image_create_rbd as rbd_flow
+from snapback.services import image_result as result
 from snapback.services import journal
 from snapback.services.context import Context
 from snapback.services.image_create_recovery import KIND, THAW_WAIT_S, recover
+from snapback.services.image_result import Clock
 from snapback.services.images import ImageService
 from snapback.services.instances import InstanceService
 from snapback.services.views import ImageView
@@ -49,8 +50,6 @@ from snapback.services.volumes import volume_lock
 MODES = ("auto", "cold", "live", "direct")
 QUIESCE = ("auto", "required", "off")
 READY_TIMEOUT_S = 3600.0
-# base-image properties an image made from an instance does not inherit
-NOT_INHERITED = ("instance_uuid", "base_image_ref", "image_type", "image_location")
 
 __all__ = ["KIND", "MODES", "QUIESCE", "ImageCreateService", "recover"]
 
@@ -70,16 +69,6 @@ class Plan:
     flow: str
     reason: str
     quiesce: str  # auto | required | off, after the base image's os_require_quiesce
-
-
-@dataclass
-class Clock:
-    """Timings of one run (seconds), recorded on the image."""
-
-    start: float
-    pause: float = 0.0
-    copy: float = 0.0
-    upload: float = 0.0
 
 
 class ImageCreateService:
@@ -221,13 +210,13 @@ class ImageCreateService:
                 else:
                     consistency = self._cold(op, plan, out, clock, progress)
                 upload_start = time.monotonic()
-                size, digest = _sha256(out)
+                size, digest = result.sha256_file(out)
                 virtual_size, vol_id, _ = self.images._store_disk(
                     op, image_id, out, DiskFormat.QCOW2, progress, consume=True
                 )
                 clock.upload = time.monotonic() - upload_start
-                props = self._properties(plan, consistency, clock, properties or {})
-                self._activate(image_id, vol_id, size, digest, virtual_size, props)
+                props = result.properties(plan, consistency, clock, properties or {})
+                result.activate(self.ctx, image_id, vol_id, size, digest, virtual_size, props)
                 op.step("activated")
                 shutil.rmtree(work, ignore_errors=True)
         return self.images.show(image_id)
@@ -264,7 +253,7 @@ class ImageCreateService:
         consistency = (
             "quiesced" if was_frozen else "crash-consistent" if plan.running else "stopped"
         )
-        props = self._properties(plan, consistency, clock, {**found, **extra})
+        props = result.properties(plan, consistency, clock, {**found, **extra})
         with self.ctx.transaction() as s:
             img = s.get(Image, image_id)
             assert img is not None
@@ -380,54 +369,3 @@ class ImageCreateService:
         clock.copy = time.monotonic() - copy_start
         op.step("extracted")
         return "quiesced" if frozen else "crash-consistent"
-
-    # -- the result --------------------------------------------------------------------
-    def _properties(
-        self, plan: Plan, consistency: str, clock: Clock, extra: dict[str, str]
-    ) -> dict[str, str]:
-        props = {k: v for k, v in plan.base_props.items() if k not in NOT_INHERITED}
-        props.update(
-            {
-                "image_type": "snapshot",
-                "image_location": "snapshot",
-                "instance_uuid": plan.inst_id,
-                "snapback.source_instance": plan.inst_name,
-                "snapback.flow": plan.flow,
-                "snapback.flow_reason": plan.reason,
-                "snapback.consistency": consistency,
-                "snapback.time_total_s": f"{time.monotonic() - clock.start:.3f}",
-                "snapback.time_guest_pause_s": f"{clock.pause:.3f}",
-                "snapback.time_copy_s": f"{clock.copy:.3f}",
-                "snapback.time_upload_s": f"{clock.upload:.3f}",
-                "snapback.created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            }
-        )
-        if plan.base_image:
-            props["base_image_ref"] = plan.base_image
-        props.update(extra)
-        return props
-
-    def _activate(
-        self,
-        image_id: str,
-        vol_id: str,
-        size: int,
-        digest: str,
-        virtual_size: int,
-        props: dict[str, str],
-    ) -> None:
-        with self.ctx.transaction() as s:
-            img = s.get(Image, image_id)
-            assert img is not None
-            img.status, img.volume_id = ImageStatus.ACTIVE, vol_id
-            img.size, img.checksum, img.virtual_size = size, digest, virtual_size
-            img.properties = [ImageProperty(key=k, value=v) for k, v in sorted(props.items())]
-
-
-def _sha256(path: Path) -> tuple[int, str]:
-    digest, size = hashlib.sha256(), 0
-    with open(path, "rb") as f:
-        while chunk := f.read(4 << 20):
-            digest.update(chunk)
-            size += len(chunk)
-    return size, digest.hexdigest()
