@@ -304,13 +304,42 @@ def test_rbd_volume_backup_restores_to_rbd_and_to_local(rbd_conf: str, tmp_path:
         assert first["stats"]["read_bytes"] == 12 * MIB  # rbd diff: allocated objects only
         second = backup(cli, "v", repo)
         assert second["mode"] == "incremental" and second["stats"]["new_chunks"] == 0
+        assert second["change_tracking"] == "rbd-diff" and second["stats"]["read_bytes"] == 0
         for pool, name in (("default", "back-rbd"), ("files", "back-local")):
             cli("backup", "restore", second["id"], "--repo", repo, "--to-volume", name,
                 "--pool", pool)  # fmt: skip
             out = tmp_path / f"{name}.raw"
             cli("volume", "export", name, "--pool", pool, "--file", str(out))
             assert out.read_bytes() == src.read_bytes(), pool
-        assert cli.json("snapshot", "list", "v") == []  # the temporary snapshot went
+        # one snapshot is kept as the next diff base: the last backup's
+        snaps = [x["name"] for x in cli.json("snapshot", "list", "v")]
+        assert snaps == [f"backup-{second['id']}"]
+        from snapback.config import load_settings
+        from snapback.services.catalog_queries import live_volume
+        from snapback.services.context import Context
+        from tests.conftest import write_bytes
+
+        ctx = Context(load_settings(home))
+        with ctx.sessions() as s:
+            storage = live_volume(s, "default", "v").storage_name
+        write_bytes(ctx, "default", storage, 30 * MIB, b"tracked" * 100)
+        third = backup(cli, "v", repo)
+        assert third["change_tracking"] == "rbd-diff"
+        assert third["stats"]["read_bytes"] == 4 * MIB and third["stats"]["new_chunks"] == 1
+        assert [x["name"] for x in cli.json("snapshot", "list", "v")] == [f"backup-{third['id']}"]
+        cli("snapshot", "delete", f"v@backup-{third['id']}")  # tracking lost
+        fourth = backup(cli, "v", repo)
+        assert fourth["change_tracking"] == "hash-compare" and "tracking lost" in fourth["note"]
+        assert fourth["stats"]["read_bytes"] == 16 * MIB  # every allocated chunk read again
+        assert fourth["stats"]["new_chunks"] == 0
+        expected = bytearray(src.read_bytes())
+        expected[30 * MIB : 30 * MIB + 700] = b"tracked" * 100
+        cli("backup", "restore", third["id"], "--repo", repo, "--to-volume", "t3")
+        out = tmp_path / "t3.raw"
+        cli("volume", "export", "t3", "--file", str(out))
+        assert out.read_bytes() == bytes(expected)
+        assert cli.json("gc", "--dry-run")["debris"] == []  # the kept snapshot is explained
+        cli("volume", "delete", "v")  # with its backup snapshot
     finally:
         from snapback.drivers.storage.rbd import RbdPool
 
@@ -333,3 +362,37 @@ def test_prune_keeps_what_the_rules_say_and_frees_the_rest(
     assert [b["id"] for b in cli.json("backup", "list", "--repo", repo)] == made[2:]
     assert cli.json("repo", "check", repo, "--read-data")["problems"] == []
     assert restore_bytes(cli, made[2], repo, tmp_path, "r") == src.read_bytes()
+
+
+@pytest.mark.parametrize("step", ["snapping", "recorded", "rotated"])
+def test_rbd_backup_killed_keeps_one_diff_base(rbd_conf: str, tmp_path: Path, step: str) -> None:
+    from snapback.drivers.storage.rbd import RbdPool
+    from tests.rbd_fixtures import wipe
+
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "snapback.toml").write_text(
+        f'[pools.default]\ndriver = "rbd"\nconf = "{rbd_conf}"\npool = "vols"\n'
+        f'[pools.images]\ndriver = "rbd"\nconf = "{rbd_conf}"\npool = "others"\n'
+    )
+    cli = Cli(home, {})
+    repo = str(tmp_path / "repo")
+    cli("repo", "init", repo)
+    try:
+        cli("volume", "import", "v", "--file", str(disk(tmp_path)))
+        first = backup(cli, "v", repo)
+        res = cli("backup", "create", "v", "--repo", repo, check=False,
+                  env={"SNAPBACK_CRASH_AT": f"backup.create:{step}"})  # fmt: skip
+        assert res.returncode == -9
+        cli("gc")
+        records = cli.json("backup", "list", "--repo", repo)
+        last = records[-1]
+        assert len(records) == (1 if step == "snapping" else 2)
+        snaps = [x["name"] for x in cli.json("snapshot", "list", "v")]
+        assert snaps == [f"backup-{last['id']}"]  # exactly the newest backup's diff base
+        assert cli.json("gc", "--dry-run")["debris"] == []
+        nxt = backup(cli, "v", repo)
+        assert nxt["change_tracking"] == "rbd-diff" and nxt["parent"] == last["id"]
+        assert first["id"] == records[0]["id"]
+    finally:
+        wipe([RbdPool(n, conffile=rbd_conf) for n in ("vols", "others")])

@@ -18,9 +18,9 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from snapback.catalog.models import Volume
+from snapback.catalog.models import Snapshot, Volume
 from snapback.domain.errors import Conflict, InvalidInput, NotFound
-from snapback.domain.models import OperationStatus, Progress
+from snapback.domain.models import OperationStatus, Progress, SnapshotStatus
 from snapback.drivers.storage.base import ProgressFn, StoragePool
 from snapback.repository.repo import Repository, new_backup_id, open_backend
 from snapback.services import journal
@@ -119,13 +119,19 @@ class BackupService:
             ) as op,
             repo.backup_lock(backup_id, parent["id"] if parent else None),
         ):
-            op.step("snapping", storage=snap)
+            since, tracking, note = tracking_base(driver, vol.storage_name, parent)
+            op.step("snapping", storage=snap, since=since)
             driver.create_snapshot(vol.storage_name, snap)
             try:
-                disk, stats = self._store_disk(repo, driver, vol, snap, parent, progress)
-            finally:
+                changed = driver.changed_extents(vol.storage_name, snap, since) if since else None
+                disk, stats = self._store_disk(repo, driver, vol, snap, parent, progress, changed)
+            except BaseException:
                 driver.delete_snapshot(vol.storage_name, snap)
-            op.step("unsnapped")
+                raise
+            keep = driver.supports_trash  # RBD: the snapshot is the next backup's diff base
+            if not keep:
+                driver.delete_snapshot(vol.storage_name, snap)
+                op.step("unsnapped")
             stats["seconds"] = round(time.monotonic() - started, 3)
             record = {
                 "id": backup_id,
@@ -139,13 +145,18 @@ class BackupService:
                 },
                 "parent": parent["id"] if parent else None,
                 "mode": "incremental" if parent else "full",
-                "change_tracking": "hash-compare" if parent else "none",
+                "change_tracking": tracking,
+                "note": note,
+                "source_snapshot": snap if keep else None,
                 "disks": [disk],
                 "instance": None,
                 "stats": stats,
             }
             repo.put_record(record)
             op.step("recorded")
+            if keep:
+                rotate_snapshots(self.ctx, vol.id, snap, backup_id, since)
+                op.step("rotated")
         return record
 
     def _parent(self, repo: Repository, volume_id: str) -> dict[str, Any] | None:
@@ -164,26 +175,21 @@ class BackupService:
         snap: str,
         parent: dict[str, Any] | None,
         progress: ProgressFn | None,
+        changed: list[tuple[int, int, bool]] | None = None,
     ) -> tuple[dict[str, Any], dict[str, Any]]:
-        size, chunk = vol.size, repo.config.chunk_size
-        info = next(s for s in driver.list_snapshots(vol.storage_name) if s.name == snap)
-        size = info.size
-        count = (size + chunk - 1) // chunk
-        ids: list[str | None] = [None] * count
-        before: list[str | None] = []
-        if parent is not None:
-            old = repo.get_index(parent["disks"][0]["index"])
-            if old.get("size") == size:
-                before = list(old["chunks"])
+        chunk = repo.config.chunk_size
+        size = next(s for s in driver.list_snapshots(vol.storage_name) if s.name == snap).size
         bad = repo.quarantined()  # failed verification: stored again, never reused
-        extents = driver.allocated_extents(vol.storage_name, snap)
-        todo = list(chunk_ranges(size, chunk, extents))
+        ids, before, todo = self._plan_reads(repo, driver, vol, snap, size, parent, changed, bad)
+        pending = set(todo)
         stats = {"read_bytes": 0, "new_chunks": 0, "new_bytes": 0, "reused_chunks": 0}
+        stats["reused_chunks"] = sum(1 for n, c in enumerate(ids) if c and n not in pending)
         with driver.open(vol.storage_name, snapshot=snap) as handle:
             for done, n in enumerate(todo, 1):
                 data = handle.read(n * chunk, min(chunk, size - n * chunk))
                 stats["read_bytes"] += len(data)
                 if data.count(0) == len(data):
+                    ids[n] = None
                     continue
                 cid = repo.chunk_id(data)
                 if before and n < len(before) and before[n] == cid and cid not in bad:
@@ -202,6 +208,35 @@ class BackupService:
         index_id = repo.put_index(index)
         disk = {"target": "vda", "volume": vol.name, "size": size, "index": index_id}
         return disk, stats
+
+    @staticmethod
+    def _plan_reads(
+        repo: Repository,
+        driver: StoragePool,
+        vol: Volume,
+        snap: str,
+        size: int,
+        parent: dict[str, Any] | None,
+        changed: list[tuple[int, int, bool]] | None,
+        bad: set[str],
+    ) -> tuple[list[str | None], list[str | None], list[int]]:
+        """(chunk ids known without reading, the parent's ids, positions to read).
+
+        With change tracking only the changed chunks (and quarantined ones) are read,
+        the others keep the parent's ids; otherwise every allocated chunk is read."""
+        chunk = repo.config.chunk_size
+        count = (size + chunk - 1) // chunk
+        before: list[str | None] = []
+        if parent is not None:
+            old = repo.get_index(parent["disks"][0]["index"])
+            if old.get("size") == size:
+                before = list(old["chunks"])
+        if changed is not None and len(before) == count:
+            todo = set(chunk_ranges(size, chunk, [(o, n) for o, n, _ in changed]))
+            todo |= {n for n, c in enumerate(before) if c in bad}
+            return [c if c not in bad else None for c in before], before, sorted(todo)
+        extents = driver.allocated_extents(vol.storage_name, snap)
+        return [None] * count, before, list(chunk_ranges(size, chunk, extents))
 
     # -- reading ---------------------------------------------------------------------------
     def list_backups(self, repo_url: str, passphrase: str | None = None) -> list[dict[str, Any]]:
@@ -302,10 +337,57 @@ class BackupService:
         return VerifyReport(backup_id, total, checked, missing, damaged)
 
 
+def tracking_base(
+    driver: StoragePool, storage: str, parent: dict[str, Any] | None
+) -> tuple[str | None, str, str | None]:
+    """(snapshot to diff from, change tracking, note) for a backup with ``parent``.
+
+    RBD keeps each backup's snapshot as the next one's base (as cinder-backup
+    does); when it is gone, the backup falls back to comparing chunk hashes and
+    says so, and tracking starts again from the new snapshot."""
+    if parent is None:
+        return None, "none", None
+    if not driver.supports_trash:
+        return None, "hash-compare", None
+    prev = parent.get("source_snapshot")
+    if prev and any(s.name == prev for s in driver.list_snapshots(storage)):
+        return str(prev), "rbd-diff", None
+    return (
+        None,
+        "hash-compare",
+        "change tracking lost (the last backup's snapshot is gone): compared chunk hashes; "
+        "tracking starts again from this backup",
+    )
+
+
+def rotate_snapshots(
+    ctx: Context, vol_id: str, snap: str, backup_id: str, previous: str | None
+) -> None:
+    """Catalogue the kept snapshot (so gc explains it); drop the one it replaces."""
+    with ctx.transaction() as s:
+        vol = s.get(Volume, vol_id)
+        assert vol is not None
+        if not any(x.storage_name == snap and x.status == "available" for x in vol.snapshots):
+            s.add(Snapshot(volume_id=vol_id, name=f"backup-{backup_id}", storage_name=snap,
+                           status=SnapshotStatus.AVAILABLE))  # fmt: skip
+        old = [x for x in vol.snapshots if previous and x.storage_name == previous]
+        for row in old:
+            row.status = SnapshotStatus.DELETED
+        pool, storage = vol.pool, vol.storage_name
+    if previous:
+        driver = ctx.pool(pool)
+        if any(x.name == previous for x in driver.list_snapshots(storage)):
+            driver.delete_snapshot(storage, previous)
+
+
 @journal.recovery(CREATE)
 def _recover_create(ctx: Context, op: journal.OperationRecord) -> OperationStatus:
     """Remove the temporary snapshot; the repository keeps only unreferenced chunks."""
     snap = op.data("snapping").get("storage")
+    if snap and op.reached("recorded") and not op.reached("unsnapped"):  # the next diff base
+        since = op.data("snapping").get("since")
+        rotate_snapshots(ctx, op.payload["volume_id"], snap, op.payload["backup"], since)
+        return OperationStatus.RECOVERED
     if snap and not op.reached("unsnapped"):
         with ctx.sessions() as s:
             vol = s.get(Volume, op.payload["volume_id"])
