@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
@@ -11,8 +12,10 @@ from snapback.cli.main import context
 from snapback.cli.output import FORMAT_OPTION, emit, fields, human_size, table
 from snapback.cli.volumes import POOL_OPTION, progress_bar
 from snapback.domain.errors import InvalidInput
-from snapback.repository.repo import Repository, open_backend
-from snapback.services.backups import MODES, BackupService
+
+if TYPE_CHECKING:  # loaded on use: zstd and the ciphers cost every other command's start-up
+    from snapback.repository.repo import Repository
+    from snapback.services.backups import BackupService
 
 EXIT_DAMAGED = 8
 
@@ -37,7 +40,15 @@ def passphrase(path: str | None) -> str | None:
 
 
 def service() -> BackupService:
+    from snapback.services.backups import BackupService
+
     return BackupService(context(click.get_current_context()))
+
+
+def open_repo(url: str, secret: str | None) -> Repository:
+    from snapback.repository.repo import Repository, open_backend
+
+    return Repository.open(open_backend(url), secret)
 
 
 def backup_text(r: dict[str, object]) -> str:
@@ -77,11 +88,13 @@ def init(
 ) -> None:
     """Create an empty repository."""
     secret = passphrase(passphrase_file) if encrypt or keys_from else None
-    source = Repository.open(open_backend(keys_from), secret) if keys_from else None
+    source = open_repo(keys_from, secret) if keys_from else None
     if source is not None and not source.config.encrypted:
         secret = None
     if encrypt and not secret:
         raise InvalidInput("--encrypt needs a passphrase (SNAPBACK_REPO_PASSPHRASE or a file)")
+    from snapback.repository.repo import Repository, open_backend
+
     r = Repository.init(open_backend(repo_url), secret, keys_from=source)
     out = {"repository": repo_url, "id": r.config.id, "encrypted": r.config.encrypted}
     emit(fmt, out, lambda o: f"initialised {repo_url} (encrypted: {o['encrypted']})")
@@ -109,7 +122,6 @@ def create(
     fmt: str,
 ) -> None:
     """Back up VOLUME: a temporary snapshot, its allocated chunks, the index, the record."""
-    assert (mode or "auto") in MODES
     with progress_bar("backup", fmt) as bar:
         record = service().create(
             volume,
@@ -258,7 +270,7 @@ def repo_gc(repo_url: str, dry_run: bool, passphrase_file: str | None, fmt: str)
     """Remove chunks and indexes no backup references (never while a backup runs)."""
     from snapback.repository.maintenance import gc
 
-    r = Repository.open(open_backend(repo_url), passphrase(passphrase_file))
+    r = open_repo(repo_url, passphrase(passphrase_file))
     report = gc(r, dry_run=dry_run)
     emit(
         fmt,
@@ -281,7 +293,7 @@ def repo_check(repo_url: str, read_data: bool, passphrase_file: str | None, fmt:
     (exit 8)."""
     from snapback.repository.maintenance import check
 
-    r = Repository.open(open_backend(repo_url), passphrase(passphrase_file))
+    r = open_repo(repo_url, passphrase(passphrase_file))
     report = check(r, read_data=read_data)
     emit(
         fmt,
@@ -307,8 +319,8 @@ def repo_sync(repo_url: str, other_url: str, passphrase_file: str | None, fmt: s
 
     secret = passphrase(passphrase_file)
     report = sync(
-        Repository.open(open_backend(repo_url), secret),
-        Repository.open(open_backend(other_url), secret),
+        open_repo(repo_url, secret),
+        open_repo(other_url, secret),
     )
     emit(
         fmt,
@@ -350,7 +362,7 @@ def repo_prune(
     policy = Policy(keep_last, keep_hourly, keep_daily, keep_weekly, keep_monthly, keep_yearly)
     if policy.empty():
         raise InvalidInput("give at least one --keep-* rule (prune never empties a repository)")
-    r = Repository.open(open_backend(repo_url), passphrase(passphrase_file))
+    r = open_repo(repo_url, passphrase(passphrase_file))
     records = [r.get_record(b) for b in r.backup_ids()]
     decided = plan(records, policy)
     freed = None

@@ -6,7 +6,6 @@ import click
 
 from snapback.cli.main import context
 from snapback.cli.output import FORMAT_OPTION, emit
-from snapback.services.gc import GcService
 from snapback.services.views import GcReport
 
 
@@ -29,6 +28,8 @@ def report_text(r: GcReport) -> str:
 @FORMAT_OPTION
 def gc(dry_run: bool, fmt: str) -> None:
     """Recover interrupted operations, finish deferred deletes, remove debris."""
+    from snapback.services.gc import GcService  # loads every flow's recovery: only here
+
     report = GcService(context(click.get_current_context())).run(dry_run=dry_run)
     emit(fmt, report, report_text)
     if report.problems:

@@ -9,6 +9,7 @@ import click
 
 from snapback.config import load_settings
 from snapback.domain.errors import SnapbackError
+from snapback.services import journal
 from snapback.services.context import Context
 
 EXIT_INTERRUPTED = 130
@@ -58,7 +59,8 @@ class LazyContext:
     def get(self) -> Context:
         if self._ctx is None:
             self._ctx = Context(load_settings(self.home))
-            if self.recover:
+            if self.recover and journal.any_running(self._ctx):
+                # only then load every flow's recovery (keeps a plain command's start-up light)
                 from snapback.services.gc import recover_interrupted
 
                 for line in recover_interrupted(self._ctx):

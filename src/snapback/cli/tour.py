@@ -15,7 +15,6 @@ from snapback.cli.output import FORMAT_OPTION, emit
 from snapback.config import load_settings
 from snapback.domain.errors import StorageError
 from snapback.services.context import Context
-from snapback.services.tour import Tour, TourStep
 
 CEPH_SH = Path(__file__).resolve().parents[3] / "scripts" / "ceph.sh"
 
@@ -54,6 +53,7 @@ def throwaway_ceph() -> Iterator[str]:
 def tour(keep: bool, driver: str, fmt: str) -> None:
     """A scripted tour in a fresh state folder: volume, snapshot, protect, clone,
     flatten, rollback, export, image upload, delete, gc."""
+    from snapback.services.tour import Tour, TourStep
     home = tempfile.mkdtemp(prefix="snapback-tour-")
     try:
         with throwaway_ceph() if driver == "rbd" else contextlib.nullcontext("") as conf:

@@ -15,12 +15,12 @@ import secrets
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 from snapback.domain.errors import Conflict, InvalidInput, NotFound
-from snapback.repository.backends import Backend
+from snapback.repository.backends import Backend, BackendError
 from snapback.repository.backends.local import LocalBackend
 from snapback.repository.sealing import (
     CHUNK,
@@ -230,13 +230,16 @@ class Repository:
     @contextlib.contextmanager
     def backup_lock(
         self, backup_id: str, parent: str | None, wait: float = 600.0
-    ) -> Iterator[None]:
-        """Announce a running backup (gc then sweeps nothing); waits while a gc sweeps."""
+    ) -> Iterator[Callable[[], None]]:
+        """Announce a running backup (gc then sweeps nothing); waits while a gc sweeps.
+
+        Yields ``held()``: it raises if the lock's heartbeat lapsed (gc may then have
+        swept), so a backup calls it before writing its record."""
         deadline = time.monotonic() + wait
         while True:
-            with self._lock("backup", backup_id, {"parent": parent}):
+            with self._lock("backup", backup_id, {"parent": parent}) as held:
                 if not self.live_locks("gc"):
-                    yield
+                    yield held
                     return
             if time.monotonic() > deadline:
                 raise RepositoryError(f"{self.backend.url}: a gc has been sweeping for too long")
@@ -245,31 +248,46 @@ class Repository:
     @contextlib.contextmanager
     def gc_lock(self, gc_id: str) -> Iterator[bool]:
         """Hold the gc lock; yields True when no backup runs (sweeping is safe)."""
-        with self._lock("gc", gc_id, {}):
+        with self._lock("gc", gc_id, {}) as held:
             yield not self.live_locks("backup")
+            held()
 
     @contextlib.contextmanager
-    def _lock(self, kind: str, lock_id: str, extra: dict[str, Any]) -> Iterator[None]:
-        """Write ``locks/<kind>-<id>``, refresh it in the background, remove it at the end."""
+    def _lock(self, kind: str, lock_id: str, extra: dict[str, Any]) -> Iterator[Callable[[], None]]:
+        """Write ``locks/<kind>-<id>``, refresh it in the background, remove it at the end.
+
+        Yields ``held()``, which raises when the heartbeat could not be written for so
+        long that others may take the lock for a dead one's."""
         key = f"locks/{kind}-{lock_id}"
         started = time.time()
         stop = threading.Event()
+        beat_at, beat_error = [started], [""]
 
         def write() -> None:
             doc = {"kind": kind, "id": lock_id, "started": started, "at": time.time(), **extra}
             self.backend.put(key, json.dumps(doc).encode(), overwrite=True)
+            beat_at[0] = time.time()
 
         write()
 
         def refresh() -> None:
             while not stop.wait(LOCK_REFRESH_S):
-                with contextlib.suppress(Exception):
+                try:
                     write()
+                except BackendError as exc:  # retried next minute; held() reports a lapse
+                    beat_error[0] = str(exc)
+
+        def held() -> None:
+            if time.time() - beat_at[0] >= LOCK_STALE_S - LOCK_REFRESH_S:
+                raise RepositoryError(
+                    f"the {kind} lock on {self.backend.url} lapsed ({beat_error[0]}); "
+                    "nothing was committed: run it again"
+                )
 
         thread = threading.Thread(target=refresh, daemon=True)
         thread.start()
         try:
-            yield
+            yield held
         finally:
             stop.set()
             thread.join()

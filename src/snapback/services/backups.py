@@ -117,17 +117,13 @@ class BackupService:
             journal.operation(
                 self.ctx, CREATE, f"{pool_name}/{volume}", volume_id=vol.id, backup=backup_id
             ) as op,
-            repo.backup_lock(backup_id, parent["id"] if parent else None),
+            repo.backup_lock(backup_id, parent["id"] if parent else None) as lock_held,
         ):
             since, tracking, note = tracking_base(driver, vol.storage_name, parent)
             op.step("snapping", storage=snap, since=since)
-            driver.create_snapshot(vol.storage_name, snap)
-            try:
-                changed = driver.changed_extents(vol.storage_name, snap, since) if since else None
-                disk, stats = self._store_disk(repo, driver, vol, snap, parent, progress, changed)
-            except BaseException:
-                driver.delete_snapshot(vol.storage_name, snap)
-                raise
+            driver.create_snapshot(vol.storage_name, snap)  # on failure: the recovery drops it
+            changed = driver.changed_extents(vol.storage_name, snap, since) if since else None
+            disk, stats = self._store_disk(repo, driver, vol, snap, parent, progress, changed)
             keep = driver.supports_trash  # RBD: the snapshot is the next backup's diff base
             if not keep:
                 driver.delete_snapshot(vol.storage_name, snap)
@@ -152,6 +148,7 @@ class BackupService:
                 "instance": None,
                 "stats": stats,
             }
+            lock_held()  # gc must not have swept while we wrote chunks
             repo.put_record(record)
             op.step("recorded")
             if keep:

@@ -146,6 +146,17 @@ def load(ctx: Context, op_id: str) -> OperationRecord:
         return OperationRecord(op.id, op.kind, op.target, json.loads(op.payload), steps)
 
 
+def any_running(ctx: Context) -> bool:
+    """One cheap query: is any operation marked running (ours, another's, or a dead one's)?"""
+    with ctx.sessions() as s:
+        return (
+            s.scalars(
+                select(Operation.id).where(Operation.status == OperationStatus.RUNNING).limit(1)
+            ).first()
+            is not None
+        )
+
+
 def recover_abandoned(ctx: Context, *, dry_run: bool = False) -> list[str]:
     """Finish or undo every operation whose process died. Returns what was (or would be) done."""
     with ctx.sessions() as s:

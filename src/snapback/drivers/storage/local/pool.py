@@ -405,6 +405,7 @@ def _undo_reserve(vdir: Path) -> Iterator[None]:
     it to ``find_debris``)."""
     try:
         yield
-    except Exception:
-        layers.remove_tree(vdir)
+    except BaseException:
+        with contextlib.suppress(OSError):  # the original error matters; gc finds the rest
+            layers.remove_tree(vdir)
         raise

@@ -14,10 +14,17 @@ children read ``pool/volume`` like everywhere else.
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from snapback.domain.errors import Conflict, HasDependents, InvalidInput, NotFound
+from snapback.domain.errors import (
+    Conflict,
+    HasDependents,
+    InvalidInput,
+    NotFound,
+    SnapbackError,
+)
 from snapback.domain.models import DiskFormat, ParentRef, Progress, SnapshotInfo, VolumeInfo
 from snapback.domain.names import validate_name
 from snapback.drivers.imagefmt import qemu_img
@@ -232,8 +239,9 @@ class RbdPool(StoragePool):
             )
             with translated(self._spec(name)):
                 rbd.RBD().rename(self.ioctx(), temp, name)
-        except Exception:
-            with contextlib.suppress(Exception), translated(self._spec(temp)):
+        except BaseException:
+            # best effort, the original error goes on; what stays is debris gc removes
+            with contextlib.suppress(SnapbackError), translated(self._spec(temp)):
                 rbd.RBD().remove(self.ioctx(), temp)
             raise
         return self.volume_info(name)
@@ -247,8 +255,6 @@ class RbdPool(StoragePool):
         snapshot: str | None = None,
         progress: ProgressFn | None = None,
     ) -> None:
-        import os
-
         if os.path.lexists(dest):
             raise Conflict(f"{dest} already exists; refusing to overwrite it")
         with self.image(name, snapshot=snapshot, read_only=True) as img:
