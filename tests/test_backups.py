@@ -193,7 +193,11 @@ def test_gc_removes_only_the_unreferenced_and_never_races_a_backup(
     dry = cli.json("repo", "gc", repo, "--dry-run")
     assert dry["unreferenced_chunks"] == 24 and not dry["removed"]
     # a backup of the same data runs while gc runs again and again
-    env = {**os.environ, "SNAPBACK_HOME": str(cli.home)}
+    env = {
+        **os.environ,
+        "SNAPBACK_HOME": str(cli.home),
+        "SNAPBACK_PAUSE_AT": "backup.create:snapping:2",
+    }
     runner = subprocess.Popen(
         [SNAPBACK, "backup", "create", "big", "--repo", repo, "--format", "json"],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,

@@ -147,13 +147,17 @@ class Repository:
     def chunk_id(self, data: bytes) -> str:
         return self.sealer.content_id(data)
 
-    def put_chunk(self, data: bytes, chunk_id: str | None = None) -> tuple[str, bool]:
-        """Store a chunk once; (id, True when new)."""
+    def put_chunk(
+        self, data: bytes, chunk_id: str | None = None, *, repairs: bool = False
+    ) -> tuple[str, bool]:
+        """Store a chunk once; (id, True when new). ``repairs``: the chunk is in
+        quarantine, and storing it again mends the backups that name it."""
         cid = chunk_id or self.chunk_id(data)
         key = chunk_key(cid)
         if self.backend.exists(key):  # safe: gc does not sweep while our lock lives
             return cid, False
-        self.backend.delete(f"quarantine/{cid}")  # stored again: the damage is repaired
+        if repairs:
+            self.backend.delete(f"quarantine/{cid}")
         written = self.backend.put(key, self.sealer.seal(CHUNK, key, data))
         if not written:  # appeared meanwhile (another backup): it is fresh
             return cid, False

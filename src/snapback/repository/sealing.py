@@ -12,6 +12,7 @@ import io
 import json
 import os
 import struct
+import threading
 from dataclasses import dataclass
 
 import zstandard
@@ -98,6 +99,13 @@ class Sealer:
         self.keys = keys
         self._aead = AESGCM(keys.data_key) if keys else None
         self._level = level
+        self._local = threading.local()  # zstd contexts are per thread, reused
+
+    def _compressor(self) -> zstandard.ZstdCompressor:
+        c: zstandard.ZstdCompressor | None = getattr(self._local, "c", None)
+        if c is None:
+            c = self._local.c = zstandard.ZstdCompressor(level=self._level)
+        return c
 
     def content_id(self, plain: bytes) -> str:
         key = self.keys.id_key if self.keys else b""
@@ -106,7 +114,7 @@ class Sealer:
     def seal(self, kind: int, name: str, plain: bytes) -> bytes:
         if len(plain) > MAX_PLAIN:
             raise RepositoryError(f"object {name} is too large ({len(plain)} bytes)")
-        payload = zstandard.ZstdCompressor(level=self._level).compress(plain)
+        payload = self._compressor().compress(plain)
         flags = FLAG_ZSTD
         if self._aead is not None:
             flags |= FLAG_ENCRYPTED
@@ -149,7 +157,20 @@ class Sealer:
 
 
 def _bounded_decompress(name: str, payload: bytes, length: int) -> bytes:
-    """Decompress at most ``length`` + 1 bytes: a bomb stops at the declared size."""
+    """Decompress at most ``length`` + 1 bytes: a bomb stops at the declared size.
+
+    A frame that states its size (ours do) is decompressed in one call when that
+    size is the declared one (zstd itself fails a frame holding more than it
+    states); any other frame is streamed and cut off past ``length``."""
+    try:
+        stated = zstandard.frame_content_size(payload)
+    except zstandard.ZstdError as exc:
+        raise DamagedObject(f"object {name} does not decompress: {exc}") from exc
+    if stated == length:
+        try:
+            return zstandard.ZstdDecompressor().decompress(payload)
+        except zstandard.ZstdError as exc:
+            raise DamagedObject(f"object {name} does not decompress: {exc}") from exc
     out = bytearray()
     try:
         with zstandard.ZstdDecompressor().stream_reader(io.BytesIO(payload)) as reader:

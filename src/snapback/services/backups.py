@@ -24,6 +24,7 @@ from snapback.domain.models import OperationStatus, Progress, SnapshotStatus
 from snapback.drivers.storage.base import ProgressFn, StoragePool
 from snapback.repository.repo import Repository, new_backup_id, open_backend
 from snapback.services import journal
+from snapback.services.backup_io import restore_chunks, store_chunks
 from snapback.services.catalog_queries import instance_using, live_volume
 from snapback.services.context import Context
 from snapback.services.volumes import VolumeService, purge, volume_lock
@@ -53,24 +54,6 @@ def chunk_ranges(size: int, chunk: int, extents: list[tuple[int, int]]) -> Itera
         for n in range(max(first, seen + 1), min(last, (size - 1) // chunk) + 1):
             seen = n
             yield n
-
-
-SPARSE_BLOCK = 64 << 10
-_ZERO_BLOCK = bytes(SPARSE_BLOCK)
-
-
-def data_runs(data: bytes, block: int = SPARSE_BLOCK) -> list[tuple[int, int]]:
-    """(offset, length) runs of ``data`` that are not all zero, in ``block`` steps."""
-    runs: list[tuple[int, int]] = []
-    for off in range(0, len(data), block):
-        piece = data[off : off + block]
-        if piece == _ZERO_BLOCK[: len(piece)]:
-            continue
-        if runs and runs[-1][0] + runs[-1][1] == off:
-            runs[-1] = (runs[-1][0], runs[-1][1] + len(piece))
-        else:
-            runs.append((off, len(piece)))
-    return runs
 
 
 class BackupService:
@@ -178,29 +161,11 @@ class BackupService:
         size = next(s for s in driver.list_snapshots(vol.storage_name) if s.name == snap).size
         bad = repo.quarantined()  # failed verification: stored again, never reused
         ids, before, todo = self._plan_reads(repo, driver, vol, snap, size, parent, changed, bad)
-        pending = set(todo)
-        stats = {"read_bytes": 0, "new_chunks": 0, "new_bytes": 0, "reused_chunks": 0}
-        stats["reused_chunks"] = sum(1 for n, c in enumerate(ids) if c and n not in pending)
         with driver.open(vol.storage_name, snapshot=snap) as handle:
-            for done, n in enumerate(todo, 1):
-                data = handle.read(n * chunk, min(chunk, size - n * chunk))
-                stats["read_bytes"] += len(data)
-                if data.count(0) == len(data):
-                    ids[n] = None
-                    continue
-                cid = repo.chunk_id(data)
-                if before and n < len(before) and before[n] == cid and cid not in bad:
-                    ids[n] = cid
-                    stats["reused_chunks"] += 1
-                else:
-                    ids[n], new = repo.put_chunk(data, cid)
-                    if new:
-                        stats["new_chunks"] += 1
-                        stats["new_bytes"] += len(data)
-                    else:
-                        stats["reused_chunks"] += 1
-                if progress is not None:
-                    progress(Progress(done * chunk, len(todo) * chunk))
+            got = store_chunks(repo, handle, size, todo, ids, before, bad, progress)
+        stats = got.as_dict()
+        pending = set(todo)
+        stats["reused_chunks"] += sum(1 for n, c in enumerate(ids) if c and n not in pending)
         index = {"disk": vol.name, "size": size, "chunk_size": chunk, "chunks": ids}
         index_id = repo.put_index(index)
         disk = {"target": "vda", "volume": vol.name, "size": size, "index": index_id}
@@ -281,12 +246,7 @@ class BackupService:
             chunk = int(index["chunk_size"])
             wanted = [(n, cid) for n, cid in enumerate(index["chunks"]) if cid]
             with self.ctx.pool(pool_name).open(storage) as handle:
-                for done, (n, cid) in enumerate(wanted, 1):
-                    data = repo.get_chunk(cid)
-                    for off, length in data_runs(data):  # zero runs stay holes
-                        handle.write(n * chunk + off, data[off : off + length])
-                    if progress is not None:
-                        progress(Progress(done * chunk, len(wanted) * chunk))
+                restore_chunks(repo, handle, chunk, wanted, progress)
             op.step("written")
         return {"backup": backup_id, "volume": f"{pool_name}/{to_volume}", "chunks": len(wanted)}
 

@@ -8,7 +8,8 @@ which finishes or undoes it from the steps recorded. A flow that fails with an
 error runs the same recovery at once, so both paths are one code path.
 
 ``SNAPBACK_CRASH_AT=kind:step`` kills the process with SIGKILL right after that
-step is recorded; the crash tests use it.
+step is recorded; the crash tests use it. ``SNAPBACK_PAUSE_AT=kind:step:seconds``
+sleeps there instead, so a race test can be sure two things overlap.
 """
 
 from __future__ import annotations
@@ -83,6 +84,9 @@ class OpHandle:
             )
         if os.environ.get("SNAPBACK_CRASH_AT") == f"{self.kind}:{name}":
             os.kill(os.getpid(), signal.SIGKILL)
+        where, _, seconds = os.environ.get("SNAPBACK_PAUSE_AT", "").rpartition(":")
+        if where == f"{self.kind}:{name}":
+            time.sleep(float(seconds))
 
 
 def _lock_key(op_id: str) -> str:

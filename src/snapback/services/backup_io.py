@@ -1,0 +1,173 @@
+"""Moving chunks between a disk and a repository, on worker threads.
+
+Reads stay on the calling thread, in disk order (a block handle is not shared);
+the costly parts — the zero test, BLAKE2b, zstd, AES-GCM and the backend's
+write or HTTP request — run on a small pool of threads, all of which release
+the GIL. At most ``IN_FLIGHT`` chunks are held at once, so memory stays flat
+whatever the disk's size (docs/backups.md, "How fast").
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Callable, Iterable
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
+
+from snapback.domain.models import Progress
+from snapback.drivers.storage.base import BlockHandle, ProgressFn
+from snapback.repository.repo import Repository
+
+WORKERS = max(2, min(6, (os.cpu_count() or 2) + 1))
+IN_FLIGHT = 2 * WORKERS
+SPARSE_BLOCK = 64 << 10
+_ZERO_BLOCK = bytes(SPARSE_BLOCK)
+
+
+@dataclass
+class StoreStats:
+    read_bytes: int = 0
+    new_chunks: int = 0
+    new_bytes: int = 0
+    reused_chunks: int = 0
+    zero_chunks: int = 0
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def as_dict(self) -> dict[str, int]:
+        return {
+            "read_bytes": self.read_bytes,
+            "new_chunks": self.new_chunks,
+            "new_bytes": self.new_bytes,
+            "reused_chunks": self.reused_chunks,
+        }
+
+
+def is_zero(data: bytes) -> bool:
+    view = memoryview(data)
+    return all(
+        view[o : o + SPARSE_BLOCK] == _ZERO_BLOCK[: len(view[o : o + SPARSE_BLOCK])]
+        for o in range(0, len(data), SPARSE_BLOCK)
+    )
+
+
+def data_runs(data: bytes, block: int = SPARSE_BLOCK) -> list[tuple[int, int]]:
+    """(offset, length) runs of ``data`` that are not all zero, in ``block`` steps."""
+    runs: list[tuple[int, int]] = []
+    view = memoryview(data)
+    for off in range(0, len(data), block):
+        piece = view[off : off + block]
+        if piece == _ZERO_BLOCK[: len(piece)]:
+            continue
+        if runs and runs[-1][0] + runs[-1][1] == off:
+            runs[-1] = (runs[-1][0], runs[-1][1] + len(piece))
+        else:
+            runs.append((off, len(piece)))
+    return runs
+
+
+def _bounded_map(
+    items: Iterable[tuple[int, bytes | str]],
+    work: Callable[[int, bytes | str], None],
+    progress: Callable[[int], None],
+) -> None:
+    """Run ``work`` on each item on the pool, at most ``IN_FLIGHT`` at once; the
+    first error stops the feed and is raised once the running ones have ended."""
+    with ThreadPoolExecutor(WORKERS, thread_name_prefix="chunks") as pool:
+        running: set[Future[None]] = set()
+        done = 0
+        try:
+            for n, item in items:
+                while len(running) >= IN_FLIGHT:
+                    finished, running = wait(running, return_when=FIRST_COMPLETED)
+                    for f in finished:
+                        f.result()
+                        done += 1
+                    progress(done)
+                running.add(pool.submit(work, n, item))
+            for f in running:
+                f.result()
+                done += 1
+            progress(done)
+        except BaseException:
+            for f in running:
+                f.cancel()
+            raise
+
+
+def store_chunks(
+    repo: Repository,
+    handle: BlockHandle,
+    size: int,
+    todo: list[int],
+    ids: list[str | None],
+    before: list[str | None],
+    bad: set[str],
+    progress: ProgressFn | None,
+) -> StoreStats:
+    """Read chunk positions ``todo`` and fill ``ids``: None for zero chunks, else the
+    content id, storing chunks the repository lacks. A chunk equal to the parent's
+    (``before``) at the same position is known to be stored, unless quarantined."""
+    chunk = repo.config.chunk_size
+    stats = StoreStats()
+
+    def reads() -> Iterable[tuple[int, bytes | str]]:
+        for n in todo:
+            data = handle.read(n * chunk, min(chunk, size - n * chunk))
+            stats.read_bytes += len(data)
+            yield n, data
+
+    def work(n: int, item: bytes | str) -> None:
+        data = item if isinstance(item, bytes) else b""
+        if is_zero(data):
+            ids[n] = None
+            with stats._lock:
+                stats.zero_chunks += 1
+            return
+        cid = repo.chunk_id(data)
+        if n < len(before) and before[n] == cid and cid not in bad:
+            new = False
+        else:
+            cid, new = repo.put_chunk(data, cid, repairs=cid in bad)
+        ids[n] = cid
+        with stats._lock:
+            if new:
+                stats.new_chunks += 1
+                stats.new_bytes += len(data)
+            else:
+                stats.reused_chunks += 1
+
+    def report(done: int) -> None:
+        if progress is not None:
+            progress(Progress(done * chunk, len(todo) * chunk))
+
+    _bounded_map(reads(), work, report)
+    return stats
+
+
+def restore_chunks(
+    repo: Repository,
+    handle: BlockHandle,
+    chunk: int,
+    wanted: list[tuple[int, str]],
+    progress: ProgressFn | None,
+) -> None:
+    """Fetch, check and write each (position, chunk id); zero runs stay holes.
+
+    Fetching and checking run on the pool; writes go through one lock (the handle
+    is not shared between threads)."""
+    write_lock = threading.Lock()
+
+    def work(n: int, item: bytes | str) -> None:
+        data = repo.get_chunk(str(item))
+        runs = data_runs(data)
+        view = memoryview(data)
+        with write_lock:
+            for off, length in runs:
+                handle.write(n * chunk + off, view[off : off + length].tobytes())
+
+    def report(done: int) -> None:
+        if progress is not None:
+            progress(Progress(done * chunk, len(wanted) * chunk))
+
+    _bounded_map(((n, cid) for n, cid in wanted), work, report)
