@@ -185,3 +185,28 @@ class InstanceDisk(Base):
     root: Mapped[bool] = mapped_column(Boolean, default=False)
 
     instance: Mapped[Instance] = relationship(back_populates="disks")
+
+
+class BackupEntry(Base):
+    """A backup known to be in a repository: a cache of its record, rebuilt from the
+    repository alone by ``repo rebuild-catalog`` (the repository is the truth)."""
+
+    __tablename__ = "backup_entries"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    backup_id: Mapped[str] = mapped_column(String(64))
+    repo_location: Mapped[str] = mapped_column(String(1024))  # folder: absolute path
+    repo_id: Mapped[str] = mapped_column(String(64))  # the repository's config id
+    kind: Mapped[str] = mapped_column(String(16))  # volume | instance
+    source_name: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    source_pool: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    source_id: Mapped[str | None] = mapped_column(String(64), nullable=True)  # volume/instance
+    created_at: Mapped[float] = mapped_column(Float)
+    parent_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    mode: Mapped[str | None] = mapped_column(String(16), nullable=True)
+    summary: Mapped[str] = mapped_column(Text, default="{}")  # JSON: sizes and stats
+    recorded_at: Mapped[float] = mapped_column(Float, default=time.time, onupdate=time.time)
+
+    __table_args__ = (
+        Index("uq_backup_entries_location_backup", "repo_location", "backup_id", unique=True),
+        Index("ix_backup_entries_source", "repo_location", "source_id", "created_at"),
+    )
