@@ -1,33 +1,35 @@
-"""Backups of volumes into a repository, restore, verify (docs/repository-format.md).
+"""Backups of volumes and instances into a repository, restore, verify
+(docs/backups.md, docs/repository-format.md).
 
-A backup takes a temporary storage snapshot of the volume (journaled: the
-snapshot's name is recorded before it is made, so a crash leaves nothing that
-``gc`` cannot explain), reads only the allocated ranges of that snapshot in
-4 MiB chunks aligned to disk offsets, skips zero chunks, stores each distinct
-chunk once, then writes the index and, last, the backup record. With a parent
-backup of the same volume, chunks whose content id equals the parent's at the
-same position are not stored again ("hash-compare" change detection); the
-index stays complete on its own.
+A backup fixes each disk's point in time (backup_capture: an RBD snapshot, or a
+dirty bitmap started on a stopped local disk; all disks of an instance at once,
+the guest frozen meanwhile when it runs), journaled before anything is made so
+a crash leaves nothing ``gc`` cannot explain. It reads only what changed since
+the parent (or every allocated range) in 4 MiB chunks aligned to disk offsets,
+skips zero chunks, stores each distinct chunk once (backup_io), then writes the
+indexes and, last, the backup record. Each index is complete on its own.
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from snapback.catalog.models import Snapshot, Volume
 from snapback.domain.errors import Conflict, InvalidInput, NotFound
-from snapback.domain.models import OperationStatus, Progress, SnapshotStatus
-from snapback.drivers.storage.base import ProgressFn, StoragePool
+from snapback.domain.models import OperationStatus, Progress
+from snapback.drivers.storage.base import ProgressFn
 from snapback.repository.repo import Repository, new_backup_id, open_backend
+from snapback.services import backup_capture as cap
+from snapback.services import backup_restore as restore_mod
 from snapback.services import journal
-from snapback.services.backup_io import restore_chunks, store_chunks
+from snapback.services.backup_io import store_chunks
+from snapback.services.backup_jobs import Job, instance_job, thaw_guest
 from snapback.services.catalog_queries import instance_using, live_volume
 from snapback.services.context import Context
-from snapback.services.volumes import VolumeService, purge, volume_lock
+from snapback.services.volumes import VolumeService, volume_lock
 
 CREATE, RESTORE = "backup.create", "backup.restore"
 MODES = ("auto", "full", "incremental")
@@ -75,130 +77,157 @@ class BackupService:
         passphrase: str | None = None,
         progress: ProgressFn | None = None,
     ) -> dict[str, Any]:
-        if mode not in MODES:
-            raise InvalidInput(f"unknown mode {mode!r} (use {', '.join(MODES)})")
-        repo = self.open_repo(repo_url, passphrase)
         pool_name = pool or self.ctx.settings.default_pool
         with self.ctx.sessions() as s:
             vol = live_volume(s, pool_name, volume)
             user = instance_using(s, vol.id)
             runner = user.name if user is not None and user.status == "active" else None
         driver = self.ctx.pool(pool_name)
-        if runner and driver.driver == "local":
+        if runner and driver.tracks_changes_by == "bitmap":
             raise Conflict(
-                f"volume {pool_name}/{volume} is in use by running instance {runner}; "
-                "a local volume is backed up while its instance is stopped"
+                f"volume {pool_name}/{volume} is in use by running instance {runner}; back up "
+                f"the instance instead ('backup create --instance {runner}')"
             )
-        parent = self._parent(repo, vol.id) if mode != "full" else None
+        source = {"name": vol.name, "pool": pool_name, "driver": driver.driver, "volume_id": vol.id}
+        job = Job("volume", source, ("volume_id", vol.id), [("vda", vol)], running=bool(runner))
+        return self._run(job, repo_url, mode, passphrase, progress)
+
+    def create_instance(
+        self,
+        instance: str,
+        repo_url: str,
+        *,
+        mode: str = "auto",
+        quiesce: str = "auto",
+        passphrase: str | None = None,
+        progress: ProgressFn | None = None,
+    ) -> dict[str, Any]:
+        job = instance_job(self.ctx, instance, quiesce)
+        return self._run(job, repo_url, mode, passphrase, progress)
+
+    def _run(
+        self,
+        job: Job,
+        repo_url: str,
+        mode: str,
+        passphrase: str | None,
+        progress: ProgressFn | None,
+    ) -> dict[str, Any]:
+        if mode not in MODES:
+            raise InvalidInput(f"unknown mode {mode!r} (use {', '.join(MODES)})")
+        repo = self.open_repo(repo_url, passphrase)
+        parent = self._parent(repo, *job.key) if mode != "full" else None
         if mode == "incremental" and parent is None:
-            raise NotFound(f"no earlier backup of {pool_name}/{volume} in {repo_url}")
+            raise NotFound(f"no earlier backup of {job.label} in {repo_url}")
         backup_id = new_backup_id()
-        snap = "b-" + uuid.uuid4().hex[:20]
         started = time.monotonic()
-        with (
-            self.ctx.lock(volume_lock(vol.id)),
-            journal.operation(
-                self.ctx, CREATE, f"{pool_name}/{volume}", volume_id=vol.id, backup=backup_id
-            ) as op,
-            repo.backup_lock(backup_id, parent["id"] if parent else None) as lock_held,
-        ):
-            since, tracking, note = tracking_base(driver, vol.storage_name, parent)
-            op.step("snapping", storage=snap, since=since)
-            driver.create_snapshot(vol.storage_name, snap)  # on failure: the recovery drops it
-            changed = driver.changed_extents(vol.storage_name, snap, since) if since else None
-            disk, stats = self._store_disk(repo, driver, vol, snap, parent, progress, changed)
-            keep = driver.supports_trash  # RBD: the snapshot is the next backup's diff base
-            if not keep:
-                driver.delete_snapshot(vol.storage_name, snap)
-                op.step("unsnapped")
-            stats["seconds"] = round(time.monotonic() - started, 3)
-            record = {
-                "id": backup_id,
-                "created_at": time.time(),
-                "kind": "volume",
-                "source": {
-                    "name": vol.name,
-                    "pool": pool_name,
-                    "driver": driver.driver,
-                    "volume_id": vol.id,
-                },
-                "parent": parent["id"] if parent else None,
-                "mode": "incremental" if parent else "full",
-                "change_tracking": tracking,
-                "note": note,
-                "source_snapshot": snap if keep else None,
-                "disks": [disk],
-                "instance": None,
-                "stats": stats,
-            }
+        with contextlib.ExitStack() as stack:
+            for _, vol in job.disks:
+                stack.enter_context(self.ctx.lock(volume_lock(vol.id)))
+            op = stack.enter_context(
+                journal.operation(self.ctx, CREATE, job.label, backup=backup_id, domain=job.domain)
+            )
+            lock_held = stack.enter_context(
+                repo.backup_lock(backup_id, parent["id"] if parent else None)
+            )
+            plans = [
+                cap.plan_disk(self.ctx.pool(vol.pool), vol, target, backup_id, parent)
+                for target, vol in job.disks
+            ]
+            op.step("snapping", disks=[p.to_json() for p in plans])
+            changed = self._take_points(op, job, plans)
+            disks: list[dict[str, Any]] = []
+            totals = {"read_bytes": 0, "new_chunks": 0, "new_bytes": 0, "reused_chunks": 0}
+            for plan in plans:
+                disk, got = self._store_disk(repo, plan, changed[plan.target], progress)
+                disks.append(disk)
+                totals = {k: totals[k] + got[k] for k in totals}
+            stats: dict[str, Any] = {**totals, "seconds": round(time.monotonic() - started, 3)}
+            record = job.record(backup_id, parent, plans, disks, stats)
             lock_held()  # gc must not have swept while we wrote chunks
             repo.put_record(record)
             op.step("recorded")
-            if keep:
-                rotate_snapshots(self.ctx, vol.id, snap, backup_id, since)
-                op.step("rotated")
+            for plan in plans:
+                cap.finish(self.ctx, plan, backup_id)
+            op.step("rotated")
         return record
 
-    def _parent(self, repo: Repository, volume_id: str) -> dict[str, Any] | None:
+    def _take_points(
+        self, op: journal.OpHandle, job: Job, plans: list[cap.DiskPlan]
+    ) -> dict[str, list[tuple[int, int]] | None]:
+        """Every disk's point in time at one moment (the guest frozen meanwhile when
+        it runs and an agent answers), and what changed since the parent's."""
+        changed: dict[str, list[tuple[int, int]] | None] = {}
+        frozen = job.freeze(op)
+        try:
+            for plan in plans:
+                driver = self.ctx.pool(plan.pool)
+                if plan.by == "bitmap":  # read before the new bitmap starts
+                    changed[plan.target] = cap.changes(driver, plan)
+                cap.take_point(driver, plan)
+        finally:
+            if frozen:
+                job.thaw(op)
+        for plan in plans:
+            if plan.by == "snapshot":
+                changed[plan.target] = cap.changes(self.ctx.pool(plan.pool), plan)
+        return changed
+
+    def _parent(self, repo: Repository, key: str, value: str) -> dict[str, Any] | None:
         mine = [
             r
             for r in (repo.get_record(b) for b in repo.backup_ids())
-            if r.get("source", {}).get("volume_id") == volume_id
+            if r.get("source", {}).get(key) == value
         ]
         return max(mine, key=lambda r: float(r["created_at"])) if mine else None
 
     def _store_disk(
         self,
         repo: Repository,
-        driver: StoragePool,
-        vol: Volume,
-        snap: str,
-        parent: dict[str, Any] | None,
+        plan: cap.DiskPlan,
+        changed: list[tuple[int, int]] | None,
         progress: ProgressFn | None,
-        changed: list[tuple[int, int, bool]] | None = None,
-    ) -> tuple[dict[str, Any], dict[str, Any]]:
+    ) -> tuple[dict[str, Any], dict[str, int]]:
+        driver = self.ctx.pool(plan.pool)
         chunk = repo.config.chunk_size
-        size = next(s for s in driver.list_snapshots(vol.storage_name) if s.name == snap).size
-        bad = repo.quarantined()  # failed verification: stored again, never reused
-        ids, before, todo = self._plan_reads(repo, driver, vol, snap, size, parent, changed, bad)
-        with driver.open(vol.storage_name, snapshot=snap) as handle:
-            got = store_chunks(repo, handle, size, todo, ids, before, bad, progress)
-        stats = got.as_dict()
-        pending = set(todo)
-        stats["reused_chunks"] += sum(1 for n, c in enumerate(ids) if c and n not in pending)
-        index = {"disk": vol.name, "size": size, "chunk_size": chunk, "chunks": ids}
-        index_id = repo.put_index(index)
-        disk = {"target": "vda", "volume": vol.name, "size": size, "index": index_id}
-        return disk, stats
-
-    @staticmethod
-    def _plan_reads(
-        repo: Repository,
-        driver: StoragePool,
-        vol: Volume,
-        snap: str,
-        size: int,
-        parent: dict[str, Any] | None,
-        changed: list[tuple[int, int, bool]] | None,
-        bad: set[str],
-    ) -> tuple[list[str | None], list[str | None], list[int]]:
-        """(chunk ids known without reading, the parent's ids, positions to read).
-
-        With change tracking only the changed chunks (and quarantined ones) are read,
-        the others keep the parent's ids; otherwise every allocated chunk is read."""
-        chunk = repo.config.chunk_size
+        size = cap.point_size(driver, plan)
         count = (size + chunk - 1) // chunk
+        bad = repo.quarantined()  # failed verification: stored again, never reused
         before: list[str | None] = []
-        if parent is not None:
-            old = repo.get_index(parent["disks"][0]["index"])
+        if plan.parent_index is not None:
+            old = repo.get_index(plan.parent_index)
             if old.get("size") == size:
                 before = list(old["chunks"])
         if changed is not None and len(before) == count:
-            todo = set(chunk_ranges(size, chunk, [(o, n) for o, n, _ in changed]))
+            # With change tracking only the changed chunks (and quarantined ones) are
+            # read; the others keep the parent's ids.
+            todo = set(chunk_ranges(size, chunk, changed))
             todo |= {n for n, c in enumerate(before) if c in bad}
-            return [c if c not in bad else None for c in before], before, sorted(todo)
-        extents = driver.allocated_extents(vol.storage_name, snap)
-        return [None] * count, before, list(chunk_ranges(size, chunk, extents))
+            ids = [c if c not in bad else None for c in before]
+        else:
+            if changed is not None:
+                cap.lost(plan)  # resized since the parent: compare hashes
+            todo = set(chunk_ranges(size, chunk, cap.allocated(driver, plan)))
+            ids = [None] * count
+        with cap.open_point(driver, plan) as handle:
+            got = store_chunks(repo, handle, size, sorted(todo), ids, before, bad, progress)
+        stats = got.as_dict()
+        stats["reused_chunks"] += sum(1 for n, c in enumerate(ids) if c and n not in todo)
+        index = {"disk": plan.volume, "size": size, "chunk_size": chunk, "chunks": ids}
+        index_id = repo.put_index(index)
+        disk = {
+            "target": plan.target,
+            "volume": plan.volume,
+            "volume_id": plan.volume_id,
+            "pool": plan.pool,
+            "driver": driver.driver,
+            "size": size,
+            "index": index_id,
+            "snapshot": plan.snap,
+            "change_tracking": plan.tracking,
+            "note": plan.note,
+        }
+        return disk, stats
 
     # -- reading ---------------------------------------------------------------------------
     def list_backups(self, repo_url: str, passphrase: str | None = None) -> list[dict[str, Any]]:
@@ -220,7 +249,7 @@ class BackupService:
             raise NotFound(f"no backup of {volume} taken at or before that time in {repo_url}")
         return str(max(found, key=lambda r: float(r["created_at"]))["id"])
 
-    # -- restore ---------------------------------------------------------------------------
+    # -- restore (backup_restore.py) --------------------------------------------------
     def restore(
         self,
         backup_id: str,
@@ -228,27 +257,40 @@ class BackupService:
         to_volume: str,
         *,
         pool: str | None = None,
+        disk: str | None = None,
         passphrase: str | None = None,
         progress: ProgressFn | None = None,
     ) -> dict[str, Any]:
         repo = self.open_repo(repo_url, passphrase)
         record = repo.get_record(backup_id)
-        disk = record["disks"][0]
-        index = repo.get_index(disk["index"])
+        entry = restore_mod.pick_disk(record, disk)
         pool_name = pool or self.ctx.settings.default_pool
-        with journal.operation(
-            self.ctx, RESTORE, f"{pool_name}/{to_volume}", backup=backup_id
-        ) as op:
-            view = self.volumes.create(to_volume, int(index["size"]), pool_name)
-            op.step("volume", volume_id=view.id)
-            with self.ctx.sessions() as s:
-                storage = live_volume(s, pool_name, to_volume).storage_name
-            chunk = int(index["chunk_size"])
-            wanted = [(n, cid) for n, cid in enumerate(index["chunks"]) if cid]
-            with self.ctx.pool(pool_name).open(storage) as handle:
-                restore_chunks(repo, handle, chunk, wanted, progress)
-            op.step("written")
-        return {"backup": backup_id, "volume": f"{pool_name}/{to_volume}", "chunks": len(wanted)}
+        _, chunks = restore_mod.restore_disk(
+            self.ctx, repo, backup_id, entry, to_volume, pool_name, progress
+        )
+        return {
+            "backup": backup_id,
+            "volume": f"{pool_name}/{to_volume}",
+            "disk": entry.get("target", "vda"),
+            "chunks": chunks,
+        }
+
+    def restore_instance(
+        self,
+        backup_id: str,
+        repo_url: str,
+        to_instance: str,
+        *,
+        pool: str | None = None,
+        start: bool = False,
+        passphrase: str | None = None,
+        progress: ProgressFn | None = None,
+    ) -> dict[str, Any]:
+        repo = self.open_repo(repo_url, passphrase)
+        pool_name = pool or self.ctx.settings.default_pool
+        return restore_mod.restore_instance(
+            self.ctx, repo, backup_id, to_instance, pool_name, start, progress
+        )
 
     # -- verify ------------------------------------------------------------------------------
     def verify(
@@ -294,73 +336,19 @@ class BackupService:
         return VerifyReport(backup_id, total, checked, missing, damaged)
 
 
-def tracking_base(
-    driver: StoragePool, storage: str, parent: dict[str, Any] | None
-) -> tuple[str | None, str, str | None]:
-    """(snapshot to diff from, change tracking, note) for a backup with ``parent``.
-
-    RBD keeps each backup's snapshot as the next one's base (as cinder-backup
-    does); when it is gone, the backup falls back to comparing chunk hashes and
-    says so, and tracking starts again from the new snapshot."""
-    if parent is None:
-        return None, "none", None
-    if not driver.supports_trash:
-        return None, "hash-compare", None
-    prev = parent.get("source_snapshot")
-    if prev and any(s.name == prev for s in driver.list_snapshots(storage)):
-        return str(prev), "rbd-diff", None
-    return (
-        None,
-        "hash-compare",
-        "change tracking lost (the last backup's snapshot is gone): compared chunk hashes; "
-        "tracking starts again from this backup",
-    )
-
-
-def rotate_snapshots(
-    ctx: Context, vol_id: str, snap: str, backup_id: str, previous: str | None
-) -> None:
-    """Catalogue the kept snapshot (so gc explains it); drop the one it replaces."""
-    with ctx.transaction() as s:
-        vol = s.get(Volume, vol_id)
-        assert vol is not None
-        if not any(x.storage_name == snap and x.status == "available" for x in vol.snapshots):
-            s.add(Snapshot(volume_id=vol_id, name=f"backup-{backup_id}", storage_name=snap,
-                           status=SnapshotStatus.AVAILABLE))  # fmt: skip
-        old = [x for x in vol.snapshots if previous and x.storage_name == previous]
-        for row in old:
-            row.status = SnapshotStatus.DELETED
-        pool, storage = vol.pool, vol.storage_name
-    if previous:
-        driver = ctx.pool(pool)
-        if any(x.name == previous for x in driver.list_snapshots(storage)):
-            driver.delete_snapshot(storage, previous)
-
-
 @journal.recovery(CREATE)
 def _recover_create(ctx: Context, op: journal.OperationRecord) -> OperationStatus:
-    """Remove the temporary snapshot; the repository keeps only unreferenced chunks."""
-    snap = op.data("snapping").get("storage")
-    if snap and op.reached("recorded") and not op.reached("unsnapped"):  # the next diff base
-        since = op.data("snapping").get("since")
-        rotate_snapshots(ctx, op.payload["volume_id"], snap, op.payload["backup"], since)
+    """Thaw a guest left frozen; before the record, drop this backup's snapshots or
+    bitmaps (the repository keeps only unreferenced chunks, which gc removes); after
+    it, keep them as the next diff base and drop the parent's."""
+    if op.reached("frozen") and not op.reached("thawed") and op.payload.get("domain"):
+        thaw_guest(ctx, str(op.payload["domain"]))
+    plans = [cap.DiskPlan.from_json(d) for d in op.data("snapping").get("disks", [])]
+    if op.reached("recorded"):
+        if not op.reached("rotated"):
+            for plan in plans:
+                cap.finish(ctx, plan, str(op.payload["backup"]))
         return OperationStatus.RECOVERED
-    if snap and not op.reached("unsnapped"):
-        with ctx.sessions() as s:
-            vol = s.get(Volume, op.payload["volume_id"])
-            pool, storage = (vol.pool, vol.storage_name) if vol else (None, None)
-        if pool and storage:
-            driver = ctx.pool(pool)
-            if any(x.name == snap for x in driver.list_snapshots(storage)):
-                driver.delete_snapshot(storage, snap)
-    return OperationStatus.RECOVERED if op.reached("recorded") else OperationStatus.ROLLED_BACK
-
-
-@journal.recovery(RESTORE)
-def _recover_restore(ctx: Context, op: journal.OperationRecord) -> OperationStatus:
-    if op.reached("written"):
-        return OperationStatus.RECOVERED
-    vol_id = op.data("volume").get("volume_id")
-    if vol_id:
-        purge(ctx, vol_id)
+    for plan in plans:
+        cap.undo(ctx, plan)
     return OperationStatus.ROLLED_BACK

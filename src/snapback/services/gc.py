@@ -22,7 +22,15 @@ from snapback.domain.models import (
     SnapshotStatus,
     VolumeStatus,
 )
-from snapback.services import backups, image_create_recovery, images, instances, journal, volumes
+from snapback.services import (
+    backup_restore,
+    backups,
+    image_create_recovery,
+    images,
+    instances,
+    journal,
+    volumes,
+)
 from snapback.services.catalog_queries import clones_of, volume_label
 from snapback.services.context import Context
 from snapback.services.image_create_rbd import (
@@ -36,7 +44,7 @@ from snapback.services.views import GcReport
 from snapback.services.volumes import VolumeService
 
 # the modules above register their flows' recovery functions with the journal
-_RECOVERING = (backups, image_create_recovery, images, instances, volumes)
+_RECOVERING = (backup_restore, backups, image_create_recovery, images, instances, volumes)
 
 
 def recover_interrupted(ctx: Context) -> list[str]:

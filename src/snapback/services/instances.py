@@ -189,6 +189,48 @@ class InstanceService:
             self._set_status(inst_id, "active" if start else "shutoff")
         return self.view(inst_id)
 
+    def adopt(
+        self,
+        name: str,
+        disks: list[tuple[str, str, bool]],
+        *,
+        memory_mib: int,
+        vcpus: int,
+        image_id: str | None,
+        start: bool = False,
+    ) -> InstanceView:
+        """An instance over existing volumes ((target, volume id, root) each), as a
+        restore makes one; a failure leaves no instance (the volumes are the caller's)."""
+        validate_name(name, "instance name")
+        with self.ctx.transaction() as s:
+            if s.scalars(
+                select(Instance.id).where(Instance.name == name, Instance.status.in_(LIVE))
+            ).first():
+                raise Conflict(f"instance {name} already exists")
+            inst_id = str(uuid.uuid4())
+            s.add(
+                Instance(
+                    id=inst_id,
+                    name=name,
+                    status="building",
+                    image_id=image_id,
+                    domain_name=f"snapback-{inst_id[:8]}",
+                    memory_mib=memory_mib,
+                    vcpus=vcpus,
+                )
+            )
+            for target, vol_id, root in disks:
+                s.add(InstanceDisk(instance_id=inst_id, target=target, volume_id=vol_id, root=root))
+        with journal.operation(self.ctx, CREATE, name, instance_id=inst_id) as op:
+            op.step("row")
+            self.ctx.hypervisor.define(self.spec(inst_id))
+            op.step("defined")
+            if start:
+                self.ctx.hypervisor.start(self._domain(inst_id))
+                op.step("started")
+            self._set_status(inst_id, "active" if start else "shutoff")
+        return self.view(inst_id)
+
     def _attachable(self, name: str) -> str:
         with self.ctx.sessions() as s:
             vol = live_volume(s, self.ctx.settings.default_pool, name)

@@ -141,6 +141,19 @@ def commit(path: str) -> None:
     run([binary(), "commit", "-q", "-d", "-f", "qcow2", path], limits=COPY_LIMITS)
 
 
+def bitmap(path: str, name: str, *, add: bool) -> None:
+    """Add (enabled, persistent) or remove the dirty bitmap ``name`` of a qcow2 file."""
+    ops = ["--add", "--enable"] if add else ["--remove"]
+    run([binary(), "bitmap", *ops, "-f", "qcow2", path, name], limits=INFO_LIMITS)
+
+
+def bitmaps(path: str) -> dict[str, list[str]]:
+    """The qcow2 file's own persistent dirty bitmaps: name -> flags (``auto`` = enabled,
+    ``in-use`` = not stored cleanly, so inconsistent when no process has it open)."""
+    data = info(path, "qcow2").get("format-specific", {}).get("data", {})
+    return {str(b["name"]): list(b.get("flags", [])) for b in data.get("bitmaps", [])}
+
+
 def rebase(path: str, backing: str | None, *, safe: bool) -> None:
     """Point ``path`` at another backing file (``None``: none).
 

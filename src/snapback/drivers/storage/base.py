@@ -153,8 +153,11 @@ class StoragePool(abc.ABC):
         """Write the volume (or one of its snapshots) to a new file ``dest``."""
 
     @abc.abstractmethod
-    def open(self, name: str, *, snapshot: str | None = None) -> BlockHandle:
-        """Byte access to a volume (read-write) or a snapshot (read-only)."""
+    def open(
+        self, name: str, *, snapshot: str | None = None, read_only: bool = False
+    ) -> BlockHandle:
+        """Byte access to a volume (read-write unless ``read_only``) or a snapshot
+        (always read-only)."""
 
     @abc.abstractmethod
     def attachment(self, name: str) -> Attachment:
@@ -235,6 +238,26 @@ class StoragePool(abc.ABC):
         """Extents of ``snapshot`` that differ from ``since`` (None: allocated ones):
         (offset, length, holds data)."""
         raise InvalidInput(f"pool {self.name} ({self.driver}) does not track changes")
+
+    # -- change tracking between backups (docs/backups.md) -------------------
+    #: how the pool tells what changed since a backup: "snapshot" (keep the backup's
+    #: snapshot and diff against it: RBD) or "bitmap" (a persistent dirty bitmap on
+    #: the volume itself, started when the backup reads it: local qcow2)
+    tracks_changes_by = "snapshot"
+
+    def start_tracking(self, volume: str, name: str) -> None:
+        """Start recording the ranges written to ``volume`` from now on, as ``name``."""
+        raise InvalidInput(f"pool {self.name} ({self.driver}) has no dirty bitmaps")
+
+    def tracked_changes(self, volume: str, name: str) -> list[tuple[int, int]] | None:
+        """(offset, length) ranges written since ``start_tracking(volume, name)``, or
+        None when that record is lost (never started, inconsistent after a crash,
+        cut by a rollback)."""
+        return None
+
+    def stop_tracking(self, volume: str, name: str) -> None:
+        """Forget the record ``name`` (nothing to do when it is gone)."""
+        return None
 
     # -- housekeeping ----------------------------------------------------
     @abc.abstractmethod

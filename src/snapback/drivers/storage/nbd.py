@@ -76,3 +76,43 @@ class NbdHandle(BlockHandle):
             raise StorageError(
                 f"range {offset}+{length} lies outside the volume ({self._size} bytes)"
             )
+
+
+def dirty_extents(path: str, bitmap: str) -> list[tuple[int, int]]:
+    """(offset, length) ranges the qcow2 file's dirty bitmap ``bitmap`` marks, read
+    through a read-only qemu-nbd export of it (NBD block status, meta context
+    ``qemu:dirty-bitmap:NAME``)."""
+    nbd = _nbd()
+    context = f"qemu:dirty-bitmap:{bitmap}"
+    h = nbd.NBD()
+    h.add_meta_context(context)
+    try:
+        h.connect_systemd_socket_activation(["qemu-nbd", "-r", "-f", "qcow2", "-B", bitmap, path])
+        if not h.can_meta_context(context):
+            raise StorageError(f"{path}: qemu-nbd does not export bitmap {bitmap}")
+        size, offset, dirty = int(h.get_size()), 0, []
+        reached = [0]
+
+        def seen(ctx: str, start: int, entries: list[int], err: Any) -> int:
+            if ctx != context:
+                return 0
+            pos = start
+            for i in range(0, len(entries), 2):
+                if entries[i + 1] & 1:
+                    dirty.append((pos, entries[i]))
+                pos += entries[i]
+            reached[0] = max(reached[0], pos)
+            return 0
+
+        while offset < size:
+            h.block_status(min(size - offset, 1 << 30), offset, seen)
+            if reached[0] <= offset:
+                raise StorageError(f"{path}: no block status past {offset}")
+            offset = reached[0]
+    except nbd.Error as exc:
+        raise StorageError(f"cannot read bitmap {bitmap} of {path}: {exc}") from exc
+    finally:
+        with contextlib.suppress(nbd.Error):
+            h.shutdown()
+        del h
+    return dirty

@@ -17,6 +17,7 @@ from snapback.domain.errors import Conflict, StorageError
 from snapback.domain.models import DiskFormat
 from snapback.drivers.imagefmt import qemu_img
 from snapback.drivers.storage.base import BlockHandle, Debris, ProgressFn
+from snapback.drivers.storage.local import tracking
 from snapback.drivers.storage.local.meta import LOCK, META, Pending, VolumeMeta, flock, load
 
 if TYPE_CHECKING:
@@ -99,6 +100,7 @@ def _merge(pool: LocalPool, meta: VolumeMeta, layer: str) -> None:
         kid = pool.layer_path(meta.name, kids[0])
         mode = kid.stat().st_mode & 0o777
         os.chmod(path, 0o644)
+        tracking.carry(kid, path)  # the merged file marks all it gets: tracking survives
         qemu_img.commit(str(kid))
         os.chmod(path, mode)
         os.replace(path, kid)

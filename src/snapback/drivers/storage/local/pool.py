@@ -29,7 +29,7 @@ from snapback.drivers.storage.base import (
     ProgressFn,
     StoragePool,
 )
-from snapback.drivers.storage.local import layers
+from snapback.drivers.storage.local import layers, tracking
 from snapback.drivers.storage.local.meta import (
     LOCK,
     META,
@@ -215,22 +215,41 @@ class LocalPool(StoragePool):
                 str(self.layer_path(name, layer)), dest, fmt, progress=progress, total=size
             )
 
-    def open(self, name: str, *, snapshot: str | None = None) -> BlockHandle:
+    def open(
+        self, name: str, *, snapshot: str | None = None, read_only: bool = False
+    ) -> BlockHandle:
         stack = contextlib.ExitStack()
         meta = stack.enter_context(self.locked(name))
         try:
             layer = self._snapshot(meta, snapshot).layer if snapshot else meta.head
-            handle = NbdHandle(str(self.layer_path(name, layer)), read_only=snapshot is not None)
+            handle = NbdHandle(
+                str(self.layer_path(name, layer)), read_only=read_only or snapshot is not None
+            )
         except BaseException:
             stack.close()
             raise
         return layers.LockedHandle(handle, stack)
 
-    def allocated_extents(self, volume: str, snapshot: str) -> list[tuple[int, int]]:
+    def allocated_extents(self, volume: str, snapshot: str | None) -> list[tuple[int, int]]:
         with self.locked(volume) as meta:
-            layer = self._snapshot(meta, snapshot).layer
+            layer = self._snapshot(meta, snapshot).layer if snapshot else meta.head
             extents = qemu_img.map_extents(str(self.layer_path(volume, layer)), "qcow2")
         return [(e.start, e.length) for e in extents if e.data]
+
+    # -- change tracking (local/tracking.py) ------------------------------
+    tracks_changes_by = "bitmap"
+
+    def start_tracking(self, volume: str, name: str) -> None:
+        with self.locked(volume) as meta:
+            tracking.start(self.layer_path(volume, meta.head), name)
+
+    def tracked_changes(self, volume: str, name: str) -> list[tuple[int, int]] | None:
+        with self.locked(volume) as meta:
+            return tracking.changes(self, meta, name)
+
+    def stop_tracking(self, volume: str, name: str) -> None:
+        with self.locked(volume) as meta:
+            tracking.stop(self.layer_path(volume, meta.head), name)
 
     def attachment(self, name: str) -> Attachment:
         return Attachment("file", str(self.layer_path(name, self.load(name).head)), "qcow2")
@@ -251,6 +270,7 @@ class LocalPool(StoragePool):
             qemu_img.create(
                 str(self.layer_path(volume, head)), meta.size, backing=f"{frozen}.qcow2"
             )
+            tracking.carry(self.layer_path(volume, frozen), self.layer_path(volume, head))
             meta.snapshots[snapshot] = SnapMeta(
                 layer=frozen, size=meta.size, created_at=time.time()
             )

@@ -269,11 +269,15 @@ class RbdPool(StoragePool):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(part)
 
-    def open(self, name: str, *, snapshot: str | None = None) -> BlockHandle:
+    def open(
+        self, name: str, *, snapshot: str | None = None, read_only: bool = False
+    ) -> BlockHandle:
         validate_name(name, "volume name")
         _, rbd = bindings()
         with translated(self._spec(name, snapshot)):
-            img = rbd.Image(self.ioctx(), name, snapshot=snapshot, read_only=snapshot is not None)
+            img = rbd.Image(
+                self.ioctx(), name, snapshot=snapshot, read_only=read_only or snapshot is not None
+            )
         return RbdHandle(img, self._spec(name, snapshot))
 
     def attachment(self, name: str) -> Attachment:

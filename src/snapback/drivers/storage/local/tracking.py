@@ -1,0 +1,79 @@
+"""Change tracking of local volumes with persistent qcow2 dirty bitmaps.
+
+A backup starts a bitmap on the volume's head layer (``qemu-img bitmap --add
+--enable``); QEMU then marks every write to that file, whether a stopped
+volume is written by snapback or a running guest writes through libvirt.
+Taking a snapshot makes a new head: the bitmaps of the old head are started
+again on the new one, so the record of changes is the union of the bitmap over
+the run of layers, from the head down, that carry it. Merging a removed
+snapshot's layer writes through QEMU too, so the layer written to marks what
+it received (more than changed, never less). A rollback makes a head without
+them: tracking is lost there, and the next backup says so and compares hashes.
+
+A bitmap flagged ``in-use`` in a file nobody has open was not stored cleanly
+(QEMU died): it may miss writes, so it counts as lost.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from snapback.drivers.imagefmt import qemu_img
+from snapback.drivers.storage.local.meta import VolumeMeta
+from snapback.drivers.storage.nbd import dirty_extents
+
+if TYPE_CHECKING:
+    from snapback.drivers.storage.local.pool import LocalPool
+
+PREFIX = "snapback-"
+
+
+def start(head: Path, name: str) -> None:
+    if name not in qemu_img.bitmaps(str(head)):
+        qemu_img.bitmap(str(head), name, add=True)
+
+
+def stop(head: Path, name: str) -> None:
+    if name in qemu_img.bitmaps(str(head)):
+        qemu_img.bitmap(str(head), name, add=False)
+
+
+def carry(source: Path, target: Path) -> None:
+    """Start ``source``'s snapback bitmaps on ``target`` too (a new head on top of a
+    frozen layer, or the layer a merge is about to write a head's data into)."""
+    have = qemu_img.bitmaps(str(target))
+    for name, flags in qemu_img.bitmaps(str(source)).items():
+        if name.startswith(PREFIX) and "in-use" not in flags and name not in have:
+            qemu_img.bitmap(str(target), name, add=True)
+
+
+def changes(pool: LocalPool, meta: VolumeMeta, name: str) -> list[tuple[int, int]] | None:
+    """Union of bitmap ``name`` over the layers carrying it, head first; None if lost."""
+    found: list[tuple[int, int]] = []
+    layer: str | None = meta.head
+    first = True
+    while layer is not None and layer in meta.layers:
+        path = pool.layer_path(meta.name, layer)
+        flags = qemu_img.bitmaps(str(path)).get(name)
+        if flags is None:
+            if first:
+                return None
+            break
+        if "in-use" in flags or (first and "auto" not in flags):
+            return None
+        found += dirty_extents(str(path), name)
+        first = False
+        layer = meta.layers[layer]
+    return merge(found)
+
+
+def merge(extents: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    out: list[tuple[int, int]] = []
+    for start_, length in sorted(extents):
+        if out and start_ <= out[-1][0] + out[-1][1]:
+            end = max(out[-1][0] + out[-1][1], start_ + length)
+            out[-1] = (out[-1][0], end - out[-1][0])
+        else:
+            out.append((start_, length))
+    return out

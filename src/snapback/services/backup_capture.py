@@ -1,0 +1,204 @@
+"""One disk of a backup: its point in time, what changed since the parent, and
+how change tracking carries on (docs/backups.md, "Change tracking").
+
+- RBD (``tracks_changes_by == "snapshot"``): the backup reads a snapshot it takes;
+  the snapshot is kept as the next backup's diff base (``rbd diff``), and the
+  one it replaces is dropped once the record is written (as cinder-backup does).
+- local qcow2 (``"bitmap"``): the volume is not in use (its instance is stopped
+  and snapback holds its lock), so the backup reads the head itself and starts a
+  persistent dirty bitmap ``snapback-<backup id>`` on it at that moment; the
+  next backup reads the ranges it marks (NBD block status), then drops it.
+
+When the base is gone (snapshot deleted, bitmap missing or stored uncleanly
+after a crash) the backup compares chunk hashes with the parent's index, says
+so in the record's ``note``, and tracking starts again from this backup.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from snapback.catalog.models import Snapshot, Volume
+from snapback.domain.models import SnapshotStatus
+from snapback.drivers.storage.base import BlockHandle, StoragePool
+from snapback.services.context import Context
+
+TRACKER_PREFIX = "snapback-"
+LOST = {
+    "snapshot": "the last backup's snapshot is gone",
+    "bitmap": "the volume's dirty bitmap for the last backup is missing or was not stored cleanly",
+}
+
+
+@dataclass
+class DiskPlan:
+    """What one disk's backup does; journaled, so a recovery can undo or finish it."""
+
+    target: str
+    volume_id: str
+    volume: str
+    pool: str
+    storage: str
+    parent: str | None  # the parent backup's id when it has this disk
+    parent_index: str | None
+    by: str  # "snapshot" | "bitmap"
+    snap: str | None = None  # snapshot read (and kept) by this backup: RBD
+    since: str | None = None  # the parent's kept snapshot: RBD
+    tracker: str | None = None  # bitmap started by this backup: local
+    parent_tracker: str | None = None
+    tracking: str = "none"
+    note: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, doc: dict[str, Any]) -> DiskPlan:
+        return cls(**doc)
+
+
+def plan_disk(
+    driver: StoragePool,
+    vol: Volume,
+    target: str,
+    backup_id: str,
+    parent: dict[str, Any] | None,
+) -> DiskPlan:
+    """Name this backup's point in time and find the base of the parent's, if any."""
+    by = driver.tracks_changes_by
+    mine = _parent_disk(parent, vol.id, target)
+    plan = DiskPlan(
+        target=target,
+        volume_id=vol.id,
+        volume=vol.name,
+        pool=vol.pool,
+        storage=vol.storage_name,
+        parent=str(parent["id"]) if parent is not None and mine is not None else None,
+        parent_index=str(mine["index"]) if mine is not None else None,
+        by=by,
+    )
+    if by == "snapshot":
+        plan.snap = "b-" + uuid.uuid4().hex[:20]
+    else:
+        plan.tracker = TRACKER_PREFIX + backup_id
+    if mine is None or parent is None:
+        return plan
+    if by == "snapshot":
+        prev = mine.get("snapshot") or parent.get("source_snapshot")
+        if prev and any(s.name == prev for s in driver.list_snapshots(vol.storage_name)):
+            plan.since, plan.tracking = str(prev), "rbd-diff"
+    else:
+        plan.parent_tracker = TRACKER_PREFIX + str(parent["id"])
+        plan.tracking = "dirty-bitmap"
+    return plan
+
+
+def _parent_disk(
+    parent: dict[str, Any] | None, volume_id: str, target: str
+) -> dict[str, Any] | None:
+    if parent is None:
+        return None
+    disks: list[dict[str, Any]] = parent.get("disks", [])
+    for d in disks:
+        if d.get("volume_id") == volume_id:
+            return d
+    legacy = parent.get("source", {}).get("volume_id") == volume_id and len(disks) == 1
+    return disks[0] if legacy else None
+
+
+def lost(plan: DiskPlan) -> None:
+    plan.tracking = "hash-compare"
+    plan.note = (
+        f"change tracking lost ({LOST[plan.by]}): compared chunk hashes; "
+        "tracking starts again from this backup"
+    )
+
+
+def changes(driver: StoragePool, plan: DiskPlan) -> list[tuple[int, int]] | None:
+    """Ranges changed since the parent (call at the point in time); None: read all
+    allocated ranges (a full backup, or the hash-compare fallback)."""
+    if plan.parent is None:
+        return None
+    if plan.by == "snapshot":
+        if plan.since is None:
+            lost(plan)
+            return None
+        assert plan.snap is not None
+        return [(o, n) for o, n, _ in driver.changed_extents(plan.storage, plan.snap, plan.since)]
+    assert plan.parent_tracker is not None
+    found = driver.tracked_changes(plan.storage, plan.parent_tracker)
+    if found is None:
+        lost(plan)
+    return found
+
+
+def take_point(driver: StoragePool, plan: DiskPlan) -> None:
+    """The disk's point in time: a snapshot, or a bitmap started now."""
+    if plan.snap is not None:
+        driver.create_snapshot(plan.storage, plan.snap)
+    if plan.tracker is not None:
+        driver.start_tracking(plan.storage, plan.tracker)
+
+
+def open_point(driver: StoragePool, plan: DiskPlan) -> BlockHandle:
+    if plan.snap is not None:
+        return driver.open(plan.storage, snapshot=plan.snap)
+    return driver.open(plan.storage, read_only=True)
+
+
+def point_size(driver: StoragePool, plan: DiskPlan) -> int:
+    if plan.snap is not None:
+        return next(s.size for s in driver.list_snapshots(plan.storage) if s.name == plan.snap)
+    return driver.volume_info(plan.storage).size
+
+
+def allocated(driver: StoragePool, plan: DiskPlan) -> list[tuple[int, int]]:
+    return driver.allocated_extents(plan.storage, plan.snap)  # type: ignore[arg-type]
+
+
+def undo(ctx: Context, plan: DiskPlan) -> None:
+    """No record was written: drop this backup's snapshot or bitmap."""
+    driver = ctx.pool(plan.pool)
+    if not _volume_alive(ctx, plan.volume_id):
+        return
+    if plan.snap and any(x.name == plan.snap for x in driver.list_snapshots(plan.storage)):
+        driver.delete_snapshot(plan.storage, plan.snap)
+    if plan.tracker:
+        driver.stop_tracking(plan.storage, plan.tracker)
+
+
+def finish(ctx: Context, plan: DiskPlan, backup_id: str) -> None:
+    """The record is written: keep this backup's base, drop the parent's."""
+    if not _volume_alive(ctx, plan.volume_id):
+        return
+    driver = ctx.pool(plan.pool)
+    if plan.snap is not None:
+        _rotate_snapshots(ctx, plan, backup_id)
+    if plan.parent_tracker is not None:
+        driver.stop_tracking(plan.storage, plan.parent_tracker)
+
+
+def _volume_alive(ctx: Context, vol_id: str) -> bool:
+    with ctx.sessions() as s:
+        vol = s.get(Volume, vol_id)
+        return vol is not None and vol.status != "deleted"
+
+
+def _rotate_snapshots(ctx: Context, plan: DiskPlan, backup_id: str) -> None:
+    """Catalogue the kept snapshot (so gc explains it); drop the one it replaces."""
+    assert plan.snap is not None
+    with ctx.transaction() as s:
+        vol = s.get(Volume, plan.volume_id)
+        assert vol is not None
+        if not any(x.storage_name == plan.snap and x.status == "available" for x in vol.snapshots):
+            s.add(Snapshot(volume_id=vol.id, name=f"backup-{backup_id}", storage_name=plan.snap,
+                           status=SnapshotStatus.AVAILABLE))  # fmt: skip
+        for row in vol.snapshots:
+            if plan.since and row.storage_name == plan.since:
+                row.status = SnapshotStatus.DELETED
+    if plan.since:
+        driver = ctx.pool(plan.pool)
+        if any(x.name == plan.since for x in driver.list_snapshots(plan.storage)):
+            driver.delete_snapshot(plan.storage, plan.since)

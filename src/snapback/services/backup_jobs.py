@@ -1,0 +1,162 @@
+"""What a backup is of: one volume, or an instance (all its disks at one point in
+time, with its definition), and what the record says about it."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from snapback.catalog.models import Image, Instance, Volume
+from snapback.domain.errors import Conflict, InvalidInput
+from snapback.drivers.hypervisor import snapshot_ops as ops
+from snapback.drivers.hypervisor.libvirt_driver import DomainState
+from snapback.services import journal
+from snapback.services.backup_capture import DiskPlan
+from snapback.services.context import Context
+
+QUIESCE = ("auto", "required", "off")
+THAW_WAIT_S = 10.0
+
+
+@dataclass
+class Job:
+    kind: str  # "volume" | "instance"
+    source: dict[str, Any]
+    key: tuple[str, str]  # the record's source field that finds the parent backup
+    disks: list[tuple[str, Volume]]
+    domain: str | None = None
+    running: bool = False
+    quiesce: str = "off"
+    instance: dict[str, Any] | None = None
+    consistency: str = "stopped"
+    hypervisor: Any = field(default=None, repr=False)
+
+    @property
+    def label(self) -> str:
+        if self.kind == "instance":
+            return f"instance {self.source['name']}"
+        return f"{self.source['pool']}/{self.source['name']}"
+
+    def freeze(self, op: journal.OpHandle) -> bool:
+        """Freeze the guest's file systems when it runs and an agent answers."""
+        if not self.running:
+            return False
+        self.consistency = "crash-consistent"
+        if self.quiesce == "off" or self.domain is None:
+            return False
+        try:
+            if self.quiesce == "auto":
+                ops.agent_ping(self.hypervisor, self.domain)
+            count = ops.fs_freeze(self.hypervisor, self.domain)
+        except ops.AgentUnavailable:
+            if self.quiesce == "required":
+                raise
+            return False
+        op.step("frozen", filesystems=count)
+        self.consistency = "quiesced"
+        return True
+
+    def thaw(self, op: journal.OpHandle) -> None:
+        assert self.domain is not None
+        ops.fs_thaw(self.hypervisor, self.domain, wait=THAW_WAIT_S)
+        op.step("thawed")
+
+    def record(
+        self,
+        backup_id: str,
+        parent: dict[str, Any] | None,
+        plans: list[DiskPlan],
+        disks: list[dict[str, Any]],
+        stats: dict[str, Any],
+    ) -> dict[str, Any]:
+        kinds = {p.tracking for p in plans}
+        notes = [f"{p.target}: {p.note}" if len(plans) > 1 else p.note for p in plans if p.note]
+        kept = [p.snap for p in plans if p.snap]
+        return {
+            "id": backup_id,
+            "created_at": time.time(),
+            "kind": self.kind,
+            "source": self.source,
+            "parent": parent["id"] if parent else None,
+            "mode": "incremental" if parent else "full",
+            "change_tracking": kinds.pop() if len(kinds) == 1 else "mixed",
+            "note": "; ".join(n for n in notes if n) or None,
+            "source_snapshot": kept[0] if len(kept) == 1 and self.kind == "volume" else None,
+            "consistency": self.consistency,
+            "disks": disks,
+            "instance": self.instance,
+            "stats": stats,
+        }
+
+
+def instance_job(ctx: Context, name: str, quiesce: str) -> Job:
+    """All disks of an instance, its definition, and whether it runs."""
+    from snapback.services.instances import InstanceService
+
+    if quiesce not in QUIESCE:
+        raise InvalidInput(f"unknown quiesce setting {quiesce!r} (use {', '.join(QUIESCE)})")
+    inst = InstanceService(ctx).find(name)
+    hv = ctx.hypervisor
+    state = hv.state(inst.domain_name)
+    if state is DomainState.MISSING:
+        raise InvalidInput(
+            f"instance {name} has no libvirt domain {inst.domain_name}; "
+            "'snapback gc' restores what a crash left behind"
+        )
+    running = state in (DomainState.RUNNING, DomainState.PAUSED)
+    with ctx.sessions() as s:
+        row = s.get(Instance, inst.id)
+        assert row is not None
+        disks: list[tuple[str, Volume]] = []
+        for d in row.disks:
+            vol = s.get(Volume, d.volume_id)
+            assert vol is not None
+            disks.append((d.target, vol))
+        roots = {d.target: d.root for d in row.disks}
+        img = s.get(Image, row.image_id) if row.image_id else None
+        image = (
+            {"id": img.id, "name": img.name, "properties": {p.key: p.value for p in img.properties}}
+            if img is not None
+            else None
+        )
+        memory, vcpus = row.memory_mib, row.vcpus
+    local = [v.name for _, v in disks if ctx.pool(v.pool).tracks_changes_by == "bitmap"]
+    if running and local:
+        raise Conflict(
+            f"instance {name} is running with disks on a local pool ({', '.join(local)}); "
+            f"stop it first ('snapback instance stop {name}'): a local disk is read while "
+            "nothing writes to it"
+        )
+    if running and quiesce == "required":
+        ops.agent_ping(hv, inst.domain_name)
+    definition = {
+        "name": inst.name,
+        "id": inst.id,
+        "memory_mib": memory,
+        "vcpus": vcpus,
+        "image": image,
+        "disks": [{"target": t, "volume": v.name, "root": roots[t]} for t, v in disks],
+        "domain_xml": hv.xml(inst.domain_name),
+        "state": str(state),
+    }
+    return Job(
+        kind="instance",
+        source={"name": inst.name, "instance": inst.name, "instance_id": inst.id},
+        key=("instance_id", inst.id),
+        disks=disks,
+        domain=inst.domain_name,
+        running=running,
+        quiesce=quiesce,
+        instance=definition,
+        hypervisor=hv,
+    )
+
+
+def thaw_guest(ctx: Context, domain: str) -> None:
+    """Recovery: thaw a guest a dead backup left frozen (nothing to do if it is gone)."""
+    hv = ctx.hypervisor
+    if hv.state(domain) in (DomainState.RUNNING, DomainState.PAUSED):
+        with contextlib.suppress(ops.AgentUnavailable):  # not frozen, or no agent
+            ops.fs_thaw(hv, domain, wait=THAW_WAIT_S)
