@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import click
 
@@ -51,19 +51,32 @@ def open_repo(url: str, secret: str | None) -> Repository:
     return Repository.open(open_backend(url), secret)
 
 
-def backup_text(r: dict[str, object]) -> str:
-    return fields(
-        {
-            "id": r["id"],
-            "kind": r["kind"],
-            "source": r["source"],
-            "mode": r["mode"],
-            "parent": r["parent"],
-            "change tracking": r["change_tracking"],
-            "disks": r["disks"],
-            "stats": r["stats"],
-        }
-    )
+def source_label(r: dict[str, Any]) -> str:
+    src = r["source"]
+    if r.get("kind") == "instance":
+        return f"instance {src['name']}"
+    return f"{src['pool']}/{src['name']}"
+
+
+def backup_text(r: dict[str, Any]) -> str:
+    out = {
+        "id": r["id"],
+        "kind": r["kind"],
+        "source": source_label(r),
+        "mode": r["mode"],
+        "parent": r["parent"],
+        "change tracking": r["change_tracking"],
+        "consistency": r.get("consistency"),
+        "disks": ", ".join(
+            f"{d.get('target', 'vda')}={d['volume']} ({human_size(d['size'])})" for d in r["disks"]
+        ),
+        "read": human_size(r["stats"]["read_bytes"]),
+        "new": f"{r['stats']['new_chunks']} chunks, {human_size(r['stats']['new_bytes'])}",
+        "seconds": r["stats"].get("seconds"),
+    }
+    if r.get("note"):
+        out["note"] = r["note"]
+    return fields(out)
 
 
 @click.group()
@@ -106,31 +119,50 @@ def backup() -> None:
 
 
 @backup.command("create")
-@click.argument("volume")
+@click.argument("volume", required=False)
+@click.option(
+    "--instance", metavar="INSTANCE", help="Back up every disk of INSTANCE at one point in time."
+)
 @REPO_OPTION
 @POOL_OPTION
 @click.option("--full", "mode", flag_value="full", help="Store every chunk again (no parent).")
 @click.option("--incremental", "mode", flag_value="incremental", help="Fail if there is no parent.")
+@click.option(
+    "--quiesce",
+    type=click.Choice(["auto", "required", "off"]),
+    default="auto",
+    show_default=True,
+    help="With --instance, when it runs: freeze its file systems through the guest agent.",
+)
 @PASSPHRASE_OPTION
 @FORMAT_OPTION
 def create(
-    volume: str,
+    volume: str | None,
+    instance: str | None,
     repo_url: str,
     pool: str | None,
     mode: str | None,
+    quiesce: str,
     passphrase_file: str | None,
     fmt: str,
 ) -> None:
-    """Back up VOLUME: a temporary snapshot, its allocated chunks, the index, the record."""
+    """Back up VOLUME (or --instance INSTANCE): its point in time, the chunks that
+    changed since the last backup (all allocated ones for the first), the index,
+    and last the record."""
+    if (volume is None) == (instance is None):
+        raise InvalidInput("give either VOLUME or --instance INSTANCE")
+    svc, secret = service(), passphrase(passphrase_file)
     with progress_bar("backup", fmt) as bar:
-        record = service().create(
-            volume,
-            repo_url,
-            pool=pool,
-            mode=mode or "auto",
-            passphrase=passphrase(passphrase_file),
-            progress=bar,
-        )
+        if instance is not None:
+            record = svc.create_instance(
+                instance, repo_url, mode=mode or "auto", quiesce=quiesce, passphrase=secret,
+                progress=bar,
+            )  # fmt: skip
+        else:
+            assert volume is not None
+            record = svc.create(
+                volume, repo_url, pool=pool, mode=mode or "auto", passphrase=secret, progress=bar
+            )
     emit(fmt, record, backup_text)
 
 
@@ -148,7 +180,7 @@ def list_(repo_url: str, passphrase_file: str | None, fmt: str) -> None:
             [
                 {
                     "id": r["id"],
-                    "source": f"{r['source']['pool']}/{r['source']['name']}",
+                    "source": source_label(r),
                     "mode": r["mode"],
                     "size": human_size(sum(d["size"] for d in r["disks"])),
                     "new": human_size(r["stats"]["new_bytes"]),
@@ -173,7 +205,13 @@ def show(backup_id: str, repo_url: str, passphrase_file: str | None, fmt: str) -
 @backup.command("restore")
 @click.argument("backup_id", metavar="[BACKUP]", required=False)
 @REPO_OPTION
-@click.option("--to-volume", required=True, help="Name of the new volume.")
+@click.option("--to-volume", help="Name of the new volume.")
+@click.option(
+    "--to-instance",
+    help="Name of a new instance: every disk of an instance backup plus its definition.",
+)
+@click.option("--disk", metavar="TARGET", help="With --to-volume: which disk (vda, vdb, ...).")
+@click.option("--start", is_flag=True, help="With --to-instance: start it once restored.")
 @click.option(
     "--at",
     "at",
@@ -188,15 +226,21 @@ def show(backup_id: str, repo_url: str, passphrase_file: str | None, fmt: str) -
 def restore(
     backup_id: str | None,
     repo_url: str,
-    to_volume: str,
+    to_volume: str | None,
+    to_instance: str | None,
+    disk: str | None,
+    start: bool,
     at: str | None,
     source: str | None,
     pool: str | None,
     passphrase_file: str | None,
     fmt: str,
 ) -> None:
-    """Restore a backup into a new volume (zero chunks stay holes)."""
+    """Restore a backup into a new volume, or an instance backup into a new instance
+    (zero chunks stay holes)."""
     svc, secret = service(), passphrase(passphrase_file)
+    if (to_volume is None) == (to_instance is None):
+        raise InvalidInput("give either --to-volume NAME or --to-instance NAME")
     if (backup_id is None) == (at is None):
         raise InvalidInput("give either BACKUP or --at TIME (with --of VOLUME)")
     if at is not None:
@@ -205,10 +249,24 @@ def restore(
         backup_id = svc.pick(repo_url, source, parse_time(at), secret)
     assert backup_id is not None
     with progress_bar("restore", fmt) as bar:
+        if to_instance is not None:
+            out = svc.restore_instance(
+                backup_id, repo_url, to_instance, pool=pool, start=start, passphrase=secret,
+                progress=bar,
+            )  # fmt: skip
+            emit(fmt, out, restored_instance_text)
+            return
+        assert to_volume is not None
         out = svc.restore(
-            backup_id, repo_url, to_volume, pool=pool, passphrase=secret, progress=bar
+            backup_id, repo_url, to_volume, pool=pool, disk=disk, passphrase=secret, progress=bar
         )
-    emit(fmt, out, lambda o: f"restored {o['backup']} into {o['volume']}")
+    emit(fmt, out, lambda o: f"restored {o['backup']} ({o['disk']}) into {o['volume']}")
+
+
+def restored_instance_text(o: dict[str, Any]) -> str:
+    disks = ", ".join(f"{d['target']}={d['volume']}" for d in o["disks"])
+    text = f"restored {o['backup']} into instance {o['instance']} ({o['status']}): {disks}"
+    return text + (f"\nnote: {o['note']}" if o.get("note") else "")
 
 
 def parse_time(text: str) -> float:
