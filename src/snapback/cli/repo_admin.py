@@ -16,7 +16,6 @@ from snapback.cli.backups import EXIT_DAMAGED, PASSPHRASE_OPTION, open_repo, pas
 from snapback.cli.main import context
 from snapback.cli.output import FORMAT_OPTION, emit, human_size, table
 
-
 ORDER = ("chunks", "indexes", "backups")
 
 
