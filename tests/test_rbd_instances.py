@@ -199,3 +199,29 @@ def test_direct_flow_killed_at_each_step(env: Env) -> None:
         wait_console(env.console, lambda t, s=start: t.count("REC vda") >= s + 2)  # thawed
     last = parse_console(env.console.read_text(errors="replace")).last_rec["vda"]
     assert last > SLOTS
+
+
+def test_running_instance_backup_is_quiesced_and_restores_as_an_instance(env: Env) -> None:
+    repo = str(env.tmp / "repo-instance")
+    env.cli("repo", "init", repo)
+    first = env.cli.json("backup", "create", "--instance", "src", "--repo", repo)
+    assert first["kind"] == "instance" and first["consistency"] == "quiesced"
+    assert [d["target"] for d in first["disks"]] == ["vda"] and first["instance"]["domain_xml"]
+    text = env.console.read_text(errors="replace")
+    frozen_at = max(int(n) for n in re.findall(r"REC vda (\d+)", text[: text.rindex("FSFREEZE")]))
+    child = env.cli.json(
+        "backup", "restore", first["id"], "--repo", repo, "--to-instance", "restored", "--start"
+    )
+    assert child["status"] == "active" and child["image"]  # the base image gives the kernel
+    console = Path(env.cli.json("instance", "show", "restored")["console"])
+    out = wait_console(console, lambda t: "START vda" in t)
+    assert f"START vda {frozen_at + 1} " in out  # the restore point is exactly the freeze
+    second = env.cli.json("backup", "create", "--instance", "src", "--repo", repo)
+    assert second["change_tracking"] == "rbd-diff" and second["parent"] == first["id"]
+    assert second["stats"]["read_bytes"] < first["stats"]["read_bytes"]
+    snaps = [s["name"] for s in env.cli.json("snapshot", "list", "src-root")]
+    assert snaps == [f"backup-{second['id']}"]  # the next diff base, and only it
+    env.cli("instance", "delete", "restored")
+    for s in snaps:
+        env.cli("snapshot", "delete", f"src-root@{s}")
+    assert_consistent(env.ctx())

@@ -1,0 +1,86 @@
+"""Instance backups on a local pool with a real libvirtd and a TCG guest: every disk
+at one point in time plus the definition, change tracking through the bitmaps QEMU
+marks while the guest runs, restore as a new instance that boots."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+from snapback.config import load_settings
+from snapback.services.catalog_queries import live_volume
+from snapback.services.context import Context
+from tests.conftest import Cli, assert_consistent, upload_guest, write_bytes
+from tests.guestrecords import READY_LINE, wait_console
+
+MIB = 1 << 20
+
+
+def export(cli: Cli, volume: str, out: Path) -> bytes:
+    out.unlink(missing_ok=True)
+    cli("volume", "export", volume, "--file", str(out))
+    return out.read_bytes()
+
+
+def wait_records(console: Path, more: int) -> None:
+    start = console.read_text(errors="replace").count("REC vda")
+    wait_console(console, lambda t: t.count("REC vda") >= start + more, timeout=90)
+
+
+def test_stopped_instance_backup_tracks_changes_and_restores_as_an_instance(
+    vm_cli: Cli, guest: Path, tmp_path: Path
+) -> None:
+    cli = vm_cli
+    upload_guest(cli, guest, tmp_path)
+    cli("volume", "create", "data", "--size", "8M")
+    ctx = Context(load_settings(cli.home))
+    with ctx.sessions() as s:
+        storage = live_volume(s, "default", "data").storage_name
+    write_bytes(ctx, "default", storage, 4 * MIB, os.urandom(4 * MIB))  # never rewritten
+    src = cli.json("instance", "create", "src", "--image", "tiny", "--volume", "data")
+    console = Path(src["console"])
+    wait_console(console, lambda t: READY_LINE in t)
+    wait_records(console, 3)
+    repo = str(tmp_path / "repo")
+    cli("repo", "init", repo)
+
+    busy = cli("backup", "create", "--instance", "src", "--repo", repo, check=False)
+    assert busy.returncode == 4 and "stop it first" in busy.stderr  # local disks, running
+    cli("instance", "stop", "src")
+    full = cli.json("backup", "create", "--instance", "src", "--repo", repo)
+    assert full["kind"] == "instance" and full["consistency"] == "stopped"
+    assert [d["target"] for d in full["disks"]] == ["vda", "vdb"]
+    assert full["instance"]["memory_mib"] == 256 and "<domain" in full["instance"]["domain_xml"]
+
+    cli("instance", "start", "src")  # the guest writes; QEMU marks the bitmaps
+    wait_records(console, 5)
+    cli("instance", "stop", "src")
+    second = cli.json("backup", "create", "--instance", "src", "--repo", repo)
+    assert second["change_tracking"] == "dirty-bitmap" and second["parent"] == full["id"]
+    assert second["stats"]["read_bytes"] <= full["stats"]["read_bytes"] - 4 * MIB
+
+    out = cli.json("backup", "restore", second["id"], "--repo", repo, "--to-instance", "copy")
+    assert out["status"] == "shutoff" and [d["volume"] for d in out["disks"]] == [
+        "default/copy-root",
+        "default/copy-vdb",
+    ]
+    for mine, theirs in (("src-root", "copy-root"), ("data", "copy-vdb")):
+        assert export(cli, mine, tmp_path / "a") == export(cli, theirs, tmp_path / "b")
+    shown = cli.json("instance", "show", "copy")
+    assert shown["memory_mib"] == 256 and len(shown["disks"]) == 2
+
+    one = cli("backup", "restore", second["id"], "--repo", repo, "--to-volume", "x", check=False)
+    assert one.returncode == 5 and "--disk" in one.stderr  # two disks: which one?
+    cli("backup", "restore", second["id"], "--repo", repo, "--to-volume", "x", "--disk", "vdb")
+    assert export(cli, "x", tmp_path / "c") == export(cli, "data", tmp_path / "d")
+
+    cli("instance", "start", "copy")
+    copy_console = Path(cli.json("instance", "show", "copy")["console"])
+    wait_console(copy_console, lambda t: READY_LINE in t and "REC vda" in t)
+    domains = subprocess.run(
+        ["virsh", "-c", "qemu:///system", "list", "--name"], capture_output=True, text=True
+    ).stdout.split()
+    assert shown["domain"] in domains
+    cli("instance", "delete", "copy")
+    assert_consistent(ctx)
