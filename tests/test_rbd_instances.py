@@ -218,10 +218,8 @@ def test_running_instance_backup_is_quiesced_and_restores_as_an_instance(env: En
     assert f"START vda {frozen_at + 1} " in out  # the restore point is exactly the freeze
     second = env.cli.json("backup", "create", "--instance", "src", "--repo", repo)
     assert second["change_tracking"] == "rbd-diff" and second["parent"] == first["id"]
-    assert second["stats"]["read_bytes"] < first["stats"]["read_bytes"]
+    assert second["stats"]["read_bytes"] == 4 << 20  # the guest writes in chunk 0 only
     snaps = [s["name"] for s in env.cli.json("snapshot", "list", "src-root")]
     assert snaps == [f"backup-{second['id']}"]  # the next diff base, and only it
     env.cli("instance", "delete", "restored")
-    for s in snaps:
-        env.cli("snapshot", "delete", f"src-root@{s}")
-    assert_consistent(env.ctx())
+    assert_consistent(env.ctx())  # the kept snapshot is catalogued, so gc explains it

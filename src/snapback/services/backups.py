@@ -122,8 +122,8 @@ class BackupService:
         backup_id = new_backup_id()
         started = time.monotonic()
         with contextlib.ExitStack() as stack:
-            for _, vol in job.disks:
-                stack.enter_context(self.ctx.lock(volume_lock(vol.id)))
+            for vol_id in sorted({vol.id for _, vol in job.disks}):  # one order: no deadlock
+                stack.enter_context(self.ctx.lock(volume_lock(vol_id)))
             op = stack.enter_context(
                 journal.operation(self.ctx, CREATE, job.label, backup=backup_id, domain=job.domain)
             )

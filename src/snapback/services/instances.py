@@ -9,6 +9,7 @@ start, so it always points at the volumes' current files.
 
 from __future__ import annotations
 
+import contextlib
 import time
 import uuid
 from pathlib import Path
@@ -26,7 +27,7 @@ from snapback.services.catalog_queries import live_volume
 from snapback.services.context import Context
 from snapback.services.images import BASE_SNAPSHOT, ImageService, boot_file_path
 from snapback.services.views import InstanceView
-from snapback.services.volumes import VolumeService, purge
+from snapback.services.volumes import VolumeService, purge, volume_lock
 
 CREATE = "instance.create"
 LIVE = ("building", "active", "shutoff", "error")
@@ -258,11 +259,18 @@ class InstanceService:
             inst.status, inst.updated_at = status, time.time()
 
     def start(self, name: str) -> InstanceView:
+        """Start the guest; waits while a backup reads one of its stopped disks."""
         inst = self.find(name)
-        if self.ctx.hypervisor.state(inst.domain_name) is not DomainState.RUNNING:
-            self.ctx.hypervisor.redefine(self.spec(inst.id))
-            self.ctx.hypervisor.start(inst.domain_name)
-        self._set_status(inst.id, "active")
+        with self.ctx.sessions() as s:
+            row = s.get(Instance, inst.id)
+            vol_ids = sorted(d.volume_id for d in row.disks) if row else []
+        with contextlib.ExitStack() as locks:
+            for vol_id in vol_ids:
+                locks.enter_context(self.ctx.lock(volume_lock(vol_id), timeout=None))
+            if self.ctx.hypervisor.state(inst.domain_name) is not DomainState.RUNNING:
+                self.ctx.hypervisor.redefine(self.spec(inst.id))
+                self.ctx.hypervisor.start(inst.domain_name)
+            self._set_status(inst.id, "active")
         return self.view(inst.id)
 
     def stop(self, name: str, *, force: bool = False, timeout: float = 30.0) -> InstanceView:
