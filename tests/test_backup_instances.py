@@ -5,6 +5,7 @@ marks while the guest runs, restore as a new instance that boots."""
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 from pathlib import Path
 
@@ -45,8 +46,6 @@ def test_stopped_instance_backup_tracks_changes_and_restores_as_an_instance(
     repo = str(tmp_path / "repo")
     cli("repo", "init", repo)
 
-    busy = cli("backup", "create", "--instance", "src", "--repo", repo, check=False)
-    assert busy.returncode == 4 and "stop it first" in busy.stderr  # local disks, running
     cli("instance", "stop", "src")
     full = cli.json("backup", "create", "--instance", "src", "--repo", repo)
     assert full["kind"] == "instance" and full["consistency"] == "stopped"
@@ -84,3 +83,58 @@ def test_stopped_instance_backup_tracks_changes_and_restores_as_an_instance(
     assert shown["domain"] in domains
     cli("instance", "delete", "copy")
     assert_consistent(ctx)
+
+
+def test_running_instance_on_local_disks_is_read_through_a_libvirt_backup_job(
+    vm_cli: Cli, guest: Path, tmp_path: Path
+) -> None:
+    """A pull-mode backup job with a checkpoint: the guest keeps running, the backup
+    is exactly the freeze point, and tracking goes on across stop and start."""
+    cli = vm_cli
+    upload_guest(cli, guest, tmp_path)
+    src = cli.json("instance", "create", "src", "--image", "tiny")
+    console = Path(src["console"])
+    wait_console(console, lambda t: READY_LINE in t)
+    wait_records(console, 3)
+    repo = str(tmp_path / "repo")
+    cli("repo", "init", repo)
+    first = cli.json("backup", "create", "--instance", "src", "--repo", repo)
+    assert first["consistency"] == "quiesced" and first["change_tracking"] == "none"
+    text = console.read_text(errors="replace")
+    frozen_at = max(int(n) for n in re.findall(r"REC vda (\d+)", text[: text.rindex("FSFREEZE")]))
+    wait_records(console, 3)  # still writing: it was never stopped
+    second = cli.json("backup", "create", "--instance", "src", "--repo", repo)
+    assert second["change_tracking"] == "dirty-bitmap" and second["consistency"] == "quiesced"
+    assert second["stats"]["read_bytes"] == 4 * MIB  # the records' chunk, nothing else
+    cli("instance", "stop", "src")  # the checkpoint's bitmap is the stopped path's too
+    third = cli.json("backup", "create", "--instance", "src", "--repo", repo)
+    assert third["change_tracking"] == "dirty-bitmap" and third["consistency"] == "stopped"
+    cli("instance", "start", "src")
+    wait_records(console, 3)
+    fourth = cli.json("backup", "create", "--instance", "src", "--repo", repo)
+    assert fourth["change_tracking"] == "dirty-bitmap"  # a qemu-img bitmap, redefined
+    job = subprocess.run(
+        ["virsh", "-c", "qemu:///system", "domjobinfo", src["domain"]],
+        capture_output=True, text=True,
+    ).stdout  # fmt: skip
+    assert "None" in job  # the backup job ended
+    killed = cli(
+        "backup", "create", "--instance", "src", "--repo", repo, check=False,
+        env={"SNAPBACK_CRASH_AT": "backup.create:exported"},
+    )  # fmt: skip
+    assert killed.returncode == -9
+    cli("gc")  # ends the orphaned job, drops its checkpoint
+    listed = subprocess.run(
+        ["virsh", "-c", "qemu:///system", "checkpoint-list", src["domain"], "--name"],
+        capture_output=True, text=True, check=True,
+    ).stdout.split()  # fmt: skip
+    assert listed == [f"snapback-{fourth['id']}"]
+    fifth = cli.json("backup", "create", "--instance", "src", "--repo", repo)
+    assert fifth["change_tracking"] == "dirty-bitmap" and fifth["parent"] == fourth["id"]
+    out = cli.json("backup", "restore", first["id"], "--repo", repo, "--to-instance", "copy")
+    cli("instance", "start", "copy")
+    copy_console = Path(cli.json("instance", "show", "copy")["console"])
+    started = wait_console(copy_console, lambda t: "START vda" in t)
+    assert f"START vda {frozen_at + 1} " in started and out["status"] == "shutoff"
+    cli("instance", "delete", "copy")
+    assert_consistent(Context(load_settings(cli.home)))

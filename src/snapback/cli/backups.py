@@ -314,8 +314,11 @@ def verify(
 @FORMAT_OPTION
 def delete(backup_id: str, repo_url: str, passphrase_file: str | None, fmt: str) -> None:
     """Delete a backup record; 'repo gc' then frees what nothing else references."""
+    from snapback.services import backup_catalog
+
     repo = service().open_repo(repo_url, passphrase(passphrase_file))
     repo.delete_record(backup_id)
+    backup_catalog.forget(context(click.get_current_context()), repo_url, backup_id)
     emit(fmt, {"backup": backup_id, "result": "deleted"}, lambda r: f"{backup_id}: deleted")
 
 
@@ -425,8 +428,12 @@ def repo_prune(
     decided = plan(records, policy)
     freed = None
     if not dry_run:
+        from snapback.services import backup_catalog
+
+        ctx = context(click.get_current_context())
         for backup_id in decided.remove:
             r.delete_record(backup_id)
+            backup_catalog.forget(ctx, repo_url, backup_id)
         freed = gc(r)
     out = {"keep": decided.keep, "remove": decided.remove, "dry_run": dry_run, "gc": freed}
     emit(

@@ -54,6 +54,7 @@ def tour(keep: bool, driver: str, fmt: str) -> None:
     """A scripted tour in a fresh state folder: volume, snapshot, protect, clone,
     flatten, rollback, export, image upload, delete, gc."""
     from snapback.services.tour import Tour, TourStep
+
     home = tempfile.mkdtemp(prefix="snapback-tour-")
     try:
         with throwaway_ceph() if driver == "rbd" else contextlib.nullcontext("") as conf:

@@ -16,11 +16,13 @@ so in the record's ``note``, and tracking starts again from this backup.
 
 from __future__ import annotations
 
+import contextlib
 import uuid
 from dataclasses import asdict, dataclass
 from typing import Any
 
 from snapback.catalog.models import Snapshot, Volume
+from snapback.domain.errors import NotFound
 from snapback.domain.models import SnapshotStatus
 from snapback.drivers.storage.base import BlockHandle, StoragePool
 from snapback.services.context import Context
@@ -43,13 +45,14 @@ class DiskPlan:
     storage: str
     parent: str | None  # the parent backup's id when it has this disk
     parent_index: str | None
-    by: str  # "snapshot" | "bitmap"
+    by: str  # "snapshot" | "bitmap" | "checkpoint" (a libvirt backup job's)
     snap: str | None = None  # snapshot read (and kept) by this backup: RBD
     since: str | None = None  # the parent's kept snapshot: RBD
     tracker: str | None = None  # bitmap started by this backup: local
     parent_tracker: str | None = None
     tracking: str = "none"
     note: str | None = None
+    domain: str | None = None  # the instance's libvirt domain, for its checkpoints
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -65,9 +68,13 @@ def plan_disk(
     target: str,
     backup_id: str,
     parent: dict[str, Any] | None,
+    *,
+    domain: str | None = None,
+    live: bool = False,
 ) -> DiskPlan:
-    """Name this backup's point in time and find the base of the parent's, if any."""
-    by = driver.tracks_changes_by
+    """Name this backup's point in time and find the base of the parent's, if any
+    (``live``: a running guest's local disk, read through a libvirt backup job)."""
+    by = "checkpoint" if live else driver.tracks_changes_by
     mine = _parent_disk(parent, vol.id, target)
     plan = DiskPlan(
         target=target,
@@ -78,6 +85,7 @@ def plan_disk(
         parent=str(parent["id"]) if parent is not None and mine is not None else None,
         parent_index=str(mine["index"]) if mine is not None else None,
         by=by,
+        domain=domain,
     )
     if by == "snapshot":
         plan.snap = "b-" + uuid.uuid4().hex[:20]
@@ -165,8 +173,27 @@ def undo(ctx: Context, plan: DiskPlan) -> None:
         return
     if plan.snap and any(x.name == plan.snap for x in driver.list_snapshots(plan.storage)):
         driver.delete_snapshot(plan.storage, plan.snap)
-    if plan.tracker:
+    if plan.tracker and plan.by == "checkpoint":
+        _drop_checkpoint(ctx, plan, plan.tracker)
+    elif plan.tracker:
         driver.stop_tracking(plan.storage, plan.tracker)
+
+
+def _drop_checkpoint(ctx: Context, plan: DiskPlan, name: str) -> None:
+    """Remove a checkpoint with its bitmaps through libvirt; when libvirt cannot (the
+    domain is gone or will not), its metadata and the bitmap one by one."""
+    from snapback.drivers.hypervisor import backup_job
+    from snapback.drivers.hypervisor.libvirt_driver import DomainState, HypervisorError
+
+    hv = ctx.hypervisor
+    if plan.domain:
+        with contextlib.suppress(HypervisorError, NotFound):
+            backup_job.delete_checkpoint(hv, plan.domain, name)
+        with contextlib.suppress(HypervisorError, NotFound):
+            backup_job.delete_checkpoint(hv, plan.domain, name, metadata_only=True)
+        if hv.state(plan.domain) in (DomainState.RUNNING, DomainState.PAUSED):
+            return  # QEMU holds the file; libvirt removed what it knew of
+    ctx.pool(plan.pool).stop_tracking(plan.storage, name)
 
 
 def finish(ctx: Context, plan: DiskPlan, backup_id: str) -> None:
@@ -177,7 +204,10 @@ def finish(ctx: Context, plan: DiskPlan, backup_id: str) -> None:
     if plan.snap is not None:
         _rotate_snapshots(ctx, plan, backup_id)
     if plan.parent_tracker is not None:
-        driver.stop_tracking(plan.storage, plan.parent_tracker)
+        if plan.domain:  # libvirt may know it as a checkpoint: drop it there too
+            _drop_checkpoint(ctx, plan, plan.parent_tracker)
+        else:
+            driver.stop_tracking(plan.storage, plan.parent_tracker)
 
 
 def _volume_alive(ctx: Context, vol_id: str) -> bool:

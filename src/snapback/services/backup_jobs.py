@@ -32,6 +32,7 @@ class Job:
     instance: dict[str, Any] | None = None
     consistency: str = "stopped"
     hypervisor: Any = field(default=None, repr=False)
+    live_local: bool = False  # running on local qcow2: a libvirt backup job reads it
 
     @property
     def label(self) -> str:
@@ -123,11 +124,11 @@ def instance_job(ctx: Context, name: str, quiesce: str) -> Job:
         )
         memory, vcpus = row.memory_mib, row.vcpus
     local = [v.name for _, v in disks if ctx.pool(v.pool).tracks_changes_by == "bitmap"]
-    if running and local:
+    if running and local and len(local) != len(disks):
         raise Conflict(
-            f"instance {name} is running with disks on a local pool ({', '.join(local)}); "
-            f"stop it first ('snapback instance stop {name}'): a local disk is read while "
-            "nothing writes to it"
+            f"instance {name} is running with disks on a local pool ({', '.join(local)}) "
+            f"and on RBD: stop it first ('snapback instance stop {name}'), or keep its "
+            "disks in one kind of pool"
         )
     if running and quiesce == "required":
         ops.agent_ping(hv, inst.domain_name)
@@ -151,6 +152,7 @@ def instance_job(ctx: Context, name: str, quiesce: str) -> Job:
         quiesce=quiesce,
         instance=definition,
         hypervisor=hv,
+        live_local=running and bool(local),
     )
 
 

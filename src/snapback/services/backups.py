@@ -13,6 +13,7 @@ indexes and, last, the backup record. Each index is complete on its own.
 from __future__ import annotations
 
 import contextlib
+import shutil
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -23,10 +24,12 @@ from snapback.domain.models import OperationStatus, Progress
 from snapback.drivers.storage.base import ProgressFn
 from snapback.repository.repo import Repository, new_backup_id, open_backend
 from snapback.services import backup_capture as cap
+from snapback.services import backup_catalog, journal
 from snapback.services import backup_restore as restore_mod
-from snapback.services import journal
 from snapback.services.backup_io import store_chunks
 from snapback.services.backup_jobs import Job, instance_job, thaw_guest
+from snapback.services.backup_live import Points
+from snapback.services.backup_live import points as backup_points
 from snapback.services.catalog_queries import instance_using, live_volume
 from snapback.services.context import Context
 from snapback.services.volumes import VolumeService, volume_lock
@@ -131,17 +134,25 @@ class BackupService:
                 repo.backup_lock(backup_id, parent["id"] if parent else None)
             )
             plans = [
-                cap.plan_disk(self.ctx.pool(vol.pool), vol, target, backup_id, parent)
+                cap.plan_disk(
+                    self.ctx.pool(vol.pool),
+                    vol,
+                    target,
+                    backup_id,
+                    parent,
+                    domain=job.domain,
+                    live=job.live_local,
+                )
                 for target, vol in job.disks
             ]
             op.step("snapping", disks=[p.to_json() for p in plans])
-            changed = self._take_points(op, job, plans)
             disks: list[dict[str, Any]] = []
             totals = {"read_bytes": 0, "new_chunks": 0, "new_bytes": 0, "reused_chunks": 0}
-            for plan in plans:
-                disk, got = self._store_disk(repo, plan, changed[plan.target], progress)
-                disks.append(disk)
-                totals = {k: totals[k] + got[k] for k in totals}
+            with backup_points(self.ctx, op, job, plans) as points:
+                for plan in plans:
+                    disk, got = self._store_disk(repo, plan, points, progress)
+                    disks.append(disk)
+                    totals = {k: totals[k] + got[k] for k in totals}
             stats: dict[str, Any] = {**totals, "seconds": round(time.monotonic() - started, 3)}
             record = job.record(backup_id, parent, plans, disks, stats)
             lock_held()  # gc must not have swept while we wrote chunks
@@ -150,28 +161,8 @@ class BackupService:
             for plan in plans:
                 cap.finish(self.ctx, plan, backup_id)
             op.step("rotated")
+        backup_catalog.record(self.ctx, repo_url, repo.config.id, record)
         return record
-
-    def _take_points(
-        self, op: journal.OpHandle, job: Job, plans: list[cap.DiskPlan]
-    ) -> dict[str, list[tuple[int, int]] | None]:
-        """Every disk's point in time at one moment (the guest frozen meanwhile when
-        it runs and an agent answers), and what changed since the parent's."""
-        changed: dict[str, list[tuple[int, int]] | None] = {}
-        frozen = job.freeze(op)
-        try:
-            for plan in plans:
-                driver = self.ctx.pool(plan.pool)
-                if plan.by == "bitmap":  # read before the new bitmap starts
-                    changed[plan.target] = cap.changes(driver, plan)
-                cap.take_point(driver, plan)
-        finally:
-            if frozen:
-                job.thaw(op)
-        for plan in plans:
-            if plan.by == "snapshot":
-                changed[plan.target] = cap.changes(self.ctx.pool(plan.pool), plan)
-        return changed
 
     def _parent(self, repo: Repository, key: str, value: str) -> dict[str, Any] | None:
         mine = [
@@ -185,9 +176,10 @@ class BackupService:
         self,
         repo: Repository,
         plan: cap.DiskPlan,
-        changed: list[tuple[int, int]] | None,
+        points: Points,
         progress: ProgressFn | None,
     ) -> tuple[dict[str, Any], dict[str, int]]:
+        changed = points.changed[plan.target]
         driver = self.ctx.pool(plan.pool)
         chunk = repo.config.chunk_size
         size = cap.point_size(driver, plan)
@@ -207,9 +199,9 @@ class BackupService:
         else:
             if changed is not None:
                 cap.lost(plan)  # resized since the parent: compare hashes
-            todo = set(chunk_ranges(size, chunk, cap.allocated(driver, plan)))
+            todo = set(chunk_ranges(size, chunk, points.allocated(plan)))
             ids = [None] * count
-        with cap.open_point(driver, plan) as handle:
+        with points.open(plan) as handle:
             got = store_chunks(repo, handle, size, sorted(todo), ids, before, bad, progress)
         stats = got.as_dict()
         stats["reused_chunks"] += sum(1 for n, c in enumerate(ids) if c and n not in todo)
@@ -341,8 +333,15 @@ def _recover_create(ctx: Context, op: journal.OperationRecord) -> OperationStatu
     """Thaw a guest left frozen; before the record, drop this backup's snapshots or
     bitmaps (the repository keeps only unreferenced chunks, which gc removes); after
     it, keep them as the next diff base and drop the parent's."""
-    if op.reached("frozen") and not op.reached("thawed") and op.payload.get("domain"):
-        thaw_guest(ctx, str(op.payload["domain"]))
+    domain = op.payload.get("domain")
+    if domain:
+        from snapback.drivers.hypervisor.backup_job import end_job, job_dir
+
+        end_job(ctx.hypervisor, str(domain))  # a pull-mode job outlives its reader
+        tracker = cap.TRACKER_PREFIX + str(op.payload["backup"])
+        shutil.rmtree(job_dir(ctx.settings.work, tracker), ignore_errors=True)
+        if op.reached("frozen") and not op.reached("thawed"):
+            thaw_guest(ctx, str(domain))
     plans = [cap.DiskPlan.from_json(d) for d in op.data("snapping").get("disks", [])]
     if op.reached("recorded"):
         if not op.reached("rotated"):

@@ -7,6 +7,7 @@ exactly as long as the handle. Only files the project made are opened here.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 from typing import Any
 
 from snapback.domain.errors import StorageError
@@ -78,6 +79,40 @@ class NbdHandle(BlockHandle):
             )
 
 
+def _extents(h: Any, context: str, wanted: Callable[[int], bool]) -> list[tuple[int, int]]:
+    """(offset, length) ranges whose block status in ``context`` satisfies ``wanted``."""
+    nbd = _nbd()
+    if not h.can_meta_context(context):
+        raise StorageError(f"the NBD export does not offer {context}")
+    size, offset = int(h.get_size()), 0
+    found: list[tuple[int, int]] = []
+    reached = [0]
+
+    def seen(ctx: str, start: int, entries: list[int], err: Any) -> int:
+        if ctx != context:
+            return 0
+        pos = start
+        for i in range(0, len(entries), 2):
+            if wanted(entries[i + 1]):
+                if found and found[-1][0] + found[-1][1] == pos:
+                    found[-1] = (found[-1][0], found[-1][1] + entries[i])
+                else:
+                    found.append((pos, entries[i]))
+            pos += entries[i]
+        reached[0] = max(reached[0], pos)
+        return 0
+
+    try:
+        while offset < size:
+            h.block_status(min(size - offset, 1 << 30), offset, seen)
+            if reached[0] <= offset:
+                raise StorageError(f"no block status past {offset}")
+            offset = reached[0]
+    except nbd.Error as exc:
+        raise StorageError(f"block status failed: {exc}") from exc
+    return found
+
+
 def dirty_extents(path: str, bitmap: str) -> list[tuple[int, int]]:
     """(offset, length) ranges the qcow2 file's dirty bitmap ``bitmap`` marks, read
     through a read-only qemu-nbd export of it (NBD block status, meta context
@@ -88,31 +123,37 @@ def dirty_extents(path: str, bitmap: str) -> list[tuple[int, int]]:
     h.add_meta_context(context)
     try:
         h.connect_systemd_socket_activation(["qemu-nbd", "-r", "-f", "qcow2", "-B", bitmap, path])
-        if not h.can_meta_context(context):
-            raise StorageError(f"{path}: qemu-nbd does not export bitmap {bitmap}")
-        size, offset, dirty = int(h.get_size()), 0, []
-        reached = [0]
-
-        def seen(ctx: str, start: int, entries: list[int], err: Any) -> int:
-            if ctx != context:
-                return 0
-            pos = start
-            for i in range(0, len(entries), 2):
-                if entries[i + 1] & 1:
-                    dirty.append((pos, entries[i]))
-                pos += entries[i]
-            reached[0] = max(reached[0], pos)
-            return 0
-
-        while offset < size:
-            h.block_status(min(size - offset, 1 << 30), offset, seen)
-            if reached[0] <= offset:
-                raise StorageError(f"{path}: no block status past {offset}")
-            offset = reached[0]
+        return _extents(h, context, lambda flags: bool(flags & 1))
     except nbd.Error as exc:
         raise StorageError(f"cannot read bitmap {bitmap} of {path}: {exc}") from exc
     finally:
         with contextlib.suppress(nbd.Error):
             h.shutdown()
         del h
-    return dirty
+
+
+class ExportHandle(NbdHandle):
+    """Read-only access to one export of an NBD server that is already running (a
+    libvirt backup job's), with its block status: ``allocated()`` and ``dirty()``."""
+
+    def __init__(self, socket: str, export: str, bitmap: str | None = None) -> None:
+        nbd = _nbd()
+        self._h = nbd.NBD()
+        self._read_only = True
+        self._bitmap = f"qemu:dirty-bitmap:{bitmap}" if bitmap else None
+        self._h.set_export_name(export)
+        self._h.add_meta_context("base:allocation")
+        if self._bitmap:
+            self._h.add_meta_context(self._bitmap)
+        try:
+            self._h.connect_unix(socket)
+            self._size = int(self._h.get_size())
+        except nbd.Error as exc:
+            raise StorageError(f"cannot open export {export} at {socket}: {exc}") from exc
+
+    def allocated(self) -> list[tuple[int, int]]:
+        return _extents(self._h, "base:allocation", lambda flags: not flags & 2)
+
+    def dirty(self) -> list[tuple[int, int]]:
+        assert self._bitmap is not None
+        return _extents(self._h, self._bitmap, lambda flags: bool(flags & 1))
