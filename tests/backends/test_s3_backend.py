@@ -197,8 +197,12 @@ class Watcher:
             time.sleep(0.002)
 
     def stop(self) -> list[int | None]:
+        """Stop polling, then look once more: a poll sent before the watched call
+        returned may answer after it (seen under load), so the last word is this one."""
         self._stop.set()
         self._thread.join()
+        info = self.backend.stat(self.key)
+        self.seen.append(None if info is None else info.size)
         return self.seen
 
 
