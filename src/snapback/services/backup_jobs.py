@@ -3,7 +3,6 @@ time, with its definition), and what the record says about it."""
 
 from __future__ import annotations
 
-import contextlib
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -17,7 +16,6 @@ from snapback.services.backup_capture import DiskPlan
 from snapback.services.context import Context
 
 QUIESCE = ("auto", "required", "off")
-THAW_WAIT_S = 10.0
 
 
 @dataclass
@@ -45,15 +43,10 @@ class Job:
         if not self.running:
             return False
         self.consistency = "crash-consistent"
-        if self.quiesce == "off" or self.domain is None:
+        if self.domain is None:
             return False
-        try:
-            if self.quiesce == "auto":
-                ops.agent_ping(self.hypervisor, self.domain)
-            count = ops.fs_freeze(self.hypervisor, self.domain)
-        except ops.AgentUnavailable:
-            if self.quiesce == "required":
-                raise
+        count = ops.quiesce(self.hypervisor, self.domain, self.quiesce)
+        if count is None:
             return False
         op.step("frozen", filesystems=count)
         self.consistency = "quiesced"
@@ -61,7 +54,7 @@ class Job:
 
     def thaw(self, op: journal.OpHandle) -> None:
         assert self.domain is not None
-        ops.fs_thaw(self.hypervisor, self.domain, wait=THAW_WAIT_S)
+        ops.fs_thaw(self.hypervisor, self.domain, wait=ops.THAW_WAIT_S)
         op.step("thawed")
 
     def record(
@@ -73,7 +66,9 @@ class Job:
         stats: dict[str, Any],
     ) -> dict[str, Any]:
         kinds = {p.tracking for p in plans}
-        notes = [f"{p.target}: {p.note}" if len(plans) > 1 else p.note for p in plans if p.note]
+        notes = [
+            f"{p.target}: {p.note}" if len(plans) > 1 else str(p.note) for p in plans if p.note
+        ]
         kept = [p.snap for p in plans if p.snap]
         return {
             "id": backup_id,
@@ -83,7 +78,7 @@ class Job:
             "parent": parent["id"] if parent else None,
             "mode": "incremental" if parent else "full",
             "change_tracking": kinds.pop() if len(kinds) == 1 else "mixed",
-            "note": "; ".join(n for n in notes if n) or None,
+            "note": "; ".join(notes) or None,
             "source_snapshot": kept[0] if len(kept) == 1 and self.kind == "volume" else None,
             "consistency": self.consistency,
             "disks": disks,
@@ -154,11 +149,3 @@ def instance_job(ctx: Context, name: str, quiesce: str) -> Job:
         hypervisor=hv,
         live_local=running and bool(local),
     )
-
-
-def thaw_guest(ctx: Context, domain: str) -> None:
-    """Recovery: thaw a guest a dead backup left frozen (nothing to do if it is gone)."""
-    hv = ctx.hypervisor
-    if hv.state(domain) in (DomainState.RUNNING, DomainState.PAUSED):
-        with contextlib.suppress(ops.AgentUnavailable):  # not frozen, or no agent
-            ops.fs_thaw(hv, domain, wait=THAW_WAIT_S)

@@ -21,13 +21,14 @@ from typing import Any
 
 from snapback.domain.errors import Conflict, InvalidInput, NotFound
 from snapback.domain.models import OperationStatus, Progress
+from snapback.drivers.hypervisor import snapshot_ops as ops
 from snapback.drivers.storage.base import ProgressFn
 from snapback.repository.repo import Repository, new_backup_id, open_backend
 from snapback.services import backup_capture as cap
 from snapback.services import backup_catalog, journal
 from snapback.services import backup_restore as restore_mod
 from snapback.services.backup_io import store_chunks
-from snapback.services.backup_jobs import Job, instance_job, thaw_guest
+from snapback.services.backup_jobs import Job, instance_job
 from snapback.services.backup_live import Points
 from snapback.services.backup_live import points as backup_points
 from snapback.services.catalog_queries import instance_using, live_volume
@@ -341,7 +342,7 @@ def _recover_create(ctx: Context, op: journal.OperationRecord) -> OperationStatu
         tracker = cap.TRACKER_PREFIX + str(op.payload["backup"])
         shutil.rmtree(job_dir(ctx.settings.work, tracker), ignore_errors=True)
         if op.reached("frozen") and not op.reached("thawed"):
-            thaw_guest(ctx, str(domain))
+            ops.thaw_quietly(ctx.hypervisor, str(domain), ops.THAW_WAIT_S)
     plans = [cap.DiskPlan.from_json(d) for d in op.data("snapping").get("disks", [])]
     if op.reached("recorded"):
         if not op.reached("rotated"):

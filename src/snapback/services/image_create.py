@@ -40,7 +40,7 @@ from snapback.services import image_create_rbd as rbd_flow
 from snapback.services import image_result as result
 from snapback.services import journal
 from snapback.services.context import Context
-from snapback.services.image_create_recovery import KIND, THAW_WAIT_S, recover
+from snapback.services.image_create_recovery import KIND, recover
 from snapback.services.image_result import Clock
 from snapback.services.images import ImageService
 from snapback.services.instances import InstanceService
@@ -271,22 +271,16 @@ class ImageCreateService:
 
     def _freeze(self, op: journal.OpHandle, plan: Plan) -> bool:
         """Freeze the guest's file systems when an agent answers (or fail if required)."""
-        if plan.quiesce == "off" or not plan.running:
-            return False
-        hv = self.ctx.hypervisor
-        try:
-            if plan.quiesce == "auto":
-                ops.agent_ping(hv, plan.domain)
-            count = ops.fs_freeze(hv, plan.domain)
-        except ops.AgentUnavailable:
-            if plan.quiesce == "required":
-                raise
+        count = (
+            ops.quiesce(self.ctx.hypervisor, plan.domain, plan.quiesce) if plan.running else None
+        )
+        if count is None:
             return False
         op.step("frozen", filesystems=count)
         return True
 
     def _thaw(self, op: journal.OpHandle, plan: Plan) -> None:
-        ops.fs_thaw(self.ctx.hypervisor, plan.domain, wait=THAW_WAIT_S)
+        ops.fs_thaw(self.ctx.hypervisor, plan.domain, wait=ops.THAW_WAIT_S)
         op.step("thawed")
 
     def _cold(

@@ -33,7 +33,6 @@ from snapback.services.context import Context
 from snapback.services.images import kill_image
 
 KIND = "instance.image_create"
-THAW_WAIT_S = 30.0
 
 
 def _end_our_copy(hv: LibvirtHypervisor, domain: str, target: str, work: str | None) -> None:
@@ -61,14 +60,6 @@ def _resume_saved(hv: LibvirtHypervisor, domain: str) -> None:
         hv.start(domain)
 
 
-def _thaw_quietly(hv: LibvirtHypervisor, domain: str, wait: float) -> None:
-    """Thaw if frozen; thawing a thawed guest is harmless, a missing agent is not our problem."""
-    if hv.state(domain) is not DomainState.RUNNING:
-        return
-    with contextlib.suppress(ops.AgentUnavailable):
-        ops.fs_thaw(hv, domain, wait=wait)
-
-
 def _reattach(hv: LibvirtHypervisor, domain: str, devices: list[str]) -> None:
     for dev in devices:
         with contextlib.suppress(SnapbackError):  # attached again before the crash
@@ -90,7 +81,7 @@ def recover(ctx: Context, op: journal.OperationRecord) -> OperationStatus:
             _reattach(hv, domain, list(op.data("detached").get("devices", [])))
     if op.payload.get("running") and op.payload.get("quiesce") != "off":
         # only a flow that may have frozen the guest waits for the agent to come back
-        _thaw_quietly(hv, domain, THAW_WAIT_S if op.reached("frozen") else 0.0)
+        ops.thaw_quietly(hv, domain, ops.THAW_WAIT_S if op.reached("frozen") else 0.0)
     if work:
         shutil.rmtree(work, ignore_errors=True)
     if op.payload.get("flow") == "direct":

@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 import xml.etree.ElementTree as ET
@@ -20,12 +21,18 @@ from dataclasses import dataclass
 from typing import Any
 
 from snapback.domain.errors import Conflict
-from snapback.drivers.hypervisor.libvirt_driver import HypervisorError, LibvirtHypervisor, _libvirt
+from snapback.drivers.hypervisor.libvirt_driver import (
+    DomainState,
+    HypervisorError,
+    LibvirtHypervisor,
+    _libvirt,
+)
 
 # nova's historic minimums for its live snapshot (MIN_LIBVIRT/QEMU_LIVESNAPSHOT_VERSION)
 MIN_LIBVIRT_LIVE = (1, 3, 0)
 MIN_QEMU_LIVE = (2, 5, 0)
 AGENT_TIMEOUT_S = 5
+THAW_WAIT_S = 30.0  # after a restore libvirt sees the agent's port again a moment later
 
 
 class AgentUnavailable(HypervisorError):
@@ -217,6 +224,30 @@ def fs_thaw(hv: LibvirtHypervisor, name: str, *, wait: float = 0.0) -> int:
             if time.monotonic() >= deadline:
                 raise _agent_error(name, exc) from exc
         time.sleep(0.1)
+
+
+def quiesce(hv: LibvirtHypervisor, name: str, mode: str) -> int | None:
+    """Freeze the guest's file systems as ``mode`` says (auto: when an agent answers;
+    required: or fail; off: never); the number frozen, or None when not frozen."""
+    if mode == "off":
+        return None
+    try:
+        if mode == "auto":
+            agent_ping(hv, name)
+        return fs_freeze(hv, name)
+    except AgentUnavailable:
+        if mode == "required":
+            raise
+        return None
+
+
+def thaw_quietly(hv: LibvirtHypervisor, name: str, wait: float) -> None:
+    """Recovery: thaw if it runs; thawing a thawed guest is harmless, and a guest
+    with no agent was never frozen."""
+    if hv.state(name) is not DomainState.RUNNING:  # a paused guest's agent cannot answer
+        return
+    with contextlib.suppress(AgentUnavailable):
+        fs_thaw(hv, name, wait=wait)
 
 
 def define_xml(hv: LibvirtHypervisor, xml: str) -> None:

@@ -42,9 +42,16 @@ def stop(head: Path, name: str) -> None:
 def carry(source: Path, target: Path) -> None:
     """Start ``source``'s snapback bitmaps on ``target`` too (a new head on top of a
     frozen layer, or the layer a merge is about to write a head's data into)."""
+    ours = [
+        name
+        for name, flags in qemu_img.bitmaps(str(source)).items()
+        if name.startswith(PREFIX) and "in-use" not in flags
+    ]
+    if not ours:  # the usual case: one qemu-img info, nothing more
+        return
     have = qemu_img.bitmaps(str(target))
-    for name, flags in qemu_img.bitmaps(str(source)).items():
-        if name.startswith(PREFIX) and "in-use" not in flags and name not in have:
+    for name in ours:
+        if name not in have:
             qemu_img.bitmap(str(target), name, add=True)
 
 
