@@ -90,6 +90,32 @@ def test_full_and_incremental_restore_byte_identical(cli: Cli, repo: str, tmp_pa
     assert_consistent(Context(load_settings(ctx_home)))
 
 
+def test_repository_of_an_older_snapback_keeps_its_content_hash(cli: Cli, tmp_path: Path) -> None:
+    """New repositories name content by SHA-256; one whose config says blake2b-256
+    (made before) keeps BLAKE2b names, and a hash nobody knows is refused."""
+    src = disk(tmp_path)
+    cli("volume", "import", "v", "--file", str(src))
+    new, old = tmp_path / "new", tmp_path / "old"
+    for path in (new, old):
+        cli("repo", "init", str(path))
+    assert json.loads((new / "config").read_bytes())["hash"] == "sha256"
+    config = json.loads((old / "config").read_bytes())
+    (old / "config").write_text(json.dumps({**config, "hash": "blake2b-256"}))
+    data = src.read_bytes()
+    chunk = data[8 * MIB : 12 * MIB]
+    for path, name in (
+        (new, hashlib.sha256(chunk).hexdigest()),
+        (old, hashlib.blake2b(chunk, digest_size=32).hexdigest()),
+    ):
+        b = backup(cli, "v", str(path))
+        assert (path / "chunks" / name[:2] / name).is_file()
+        assert restore_bytes(cli, b["id"], str(path), tmp_path, f"r-{path.name}") == data
+        assert cli.json("backup", "verify", b["id"], "--repo", str(path), "--read-data")["ok"]
+    (old / "config").write_text(json.dumps({**config, "hash": "md5"}))
+    bad = cli("backup", "list", "--repo", str(old), check=False)
+    assert bad.returncode != 0 and "content hash 'md5'" in bad.stderr
+
+
 def test_verify_finds_damage_and_a_later_backup_repairs_it(
     cli: Cli, repo: str, tmp_path: Path
 ) -> None:
@@ -128,7 +154,7 @@ def test_encryption_passphrase_tampering_and_bombs(cli: Cli, tmp_path: Path) -> 
     cli("volume", "import", "v", "--file", str(disk(tmp_path)))
     b = backup(cli, "v", repo, env=PASS)
     chunk_names = [p.name for p in (Path(repo) / "chunks").rglob("*") if p.is_file()]
-    unkeyed = hashlib.blake2b(b"\0" * MIB + b"x" * (3 * MIB), digest_size=32).hexdigest()
+    unkeyed = hashlib.sha256(b"\0" * MIB + b"x" * (3 * MIB)).hexdigest()
     assert len(chunk_names) == 2 and unkeyed not in chunk_names  # keyed ids reveal nothing
     stored = b"".join(p.read_bytes() for p in (Path(repo) / "chunks").rglob("*") if p.is_file())
     assert b"x" * 64 not in stored

@@ -24,6 +24,7 @@ from snapback.repository.backends import Backend, BackendError
 from snapback.repository.backends.local import LocalBackend
 from snapback.repository.sealing import (
     CHUNK,
+    DEFAULT_HASH,
     INDEX,
     RECORD,
     DamagedObject,
@@ -67,6 +68,7 @@ class Config:
     id: str
     chunk_size: int
     encrypted: bool
+    hash: str = DEFAULT_HASH
 
 
 class Repository:
@@ -87,7 +89,7 @@ class Repository:
             "version": VERSION,
             "id": str(uuid.uuid4()),
             "chunk_size": CHUNK_SIZE,
-            "hash": "blake2b-256",
+            "hash": keys_from.config.hash if keys_from is not None else DEFAULT_HASH,
             "compression": "zstd",
             "encryption": None,
         }
@@ -102,7 +104,8 @@ class Repository:
             backend.put(f"keys/{secrets.token_hex(8)}", seal_keys(keys, passphrase))
         if not backend.put("config", json.dumps(doc, indent=1).encode()):
             raise Conflict(f"{backend.url} already holds a repository")
-        return cls(backend, Config(doc["id"], CHUNK_SIZE, keys is not None), Sealer(keys))
+        config = Config(doc["id"], CHUNK_SIZE, keys is not None, doc["hash"])
+        return cls(backend, config, Sealer(keys, id_hash=config.hash))
 
     @classmethod
     def open(cls, backend: Backend, passphrase: str | None = None) -> Repository:
@@ -127,9 +130,9 @@ class Repository:
                     "(SNAPBACK_REPO_PASSPHRASE or --passphrase-file)"
                 )
             keys = cls._unlock(backend, passphrase)
-        return cls(
-            backend, Config(doc["id"], int(doc["chunk_size"]), keys is not None), Sealer(keys)
-        )
+        id_hash = str(doc.get("hash", "blake2b-256"))
+        config = Config(doc["id"], int(doc["chunk_size"]), keys is not None, id_hash)
+        return cls(backend, config, Sealer(keys, id_hash=id_hash))
 
     @staticmethod
     def _unlock(backend: Backend, passphrase: str) -> MasterKeys:

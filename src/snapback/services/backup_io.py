@@ -1,7 +1,7 @@
 """Moving chunks between a disk and a repository, on worker threads.
 
 Reads stay on the calling thread, in disk order (a block handle is not shared);
-the costly parts — the zero test, BLAKE2b, zstd, AES-GCM and the backend's
+the costly parts — the zero test, SHA-256, zstd, AES-GCM and the backend's
 write or HTTP request — run on a small pool of threads, all of which release
 the GIL. At most ``IN_FLIGHT`` chunks are held at once, so memory stays flat
 whatever the disk's size (docs/backups.md, "How fast").

@@ -35,6 +35,7 @@ class Extent:
     length: int
     data: bool  # False: reads as zeroes (hole or zero cluster)
     depth: int  # 0 = in the image itself, 1 = its backing file, ...
+    offset: int | None = None  # where the data lies in that file (None: compressed)
 
 
 def binary() -> str:
@@ -177,9 +178,21 @@ def map_extents(path: str, fmt: str) -> list[Extent]:
     except ValueError as exc:
         raise StorageError(f"qemu-img map gave unreadable output for {path}") from exc
     return [
-        Extent(int(r["start"]), int(r["length"]), bool(r["data"]), int(r.get("depth", 0)))
+        Extent(
+            int(r["start"]),
+            int(r["length"]),
+            bool(r["data"]),
+            int(r.get("depth", 0)),
+            int(r["offset"]) if "offset" in r else None,
+        )
         for r in rows
     ]
+
+
+def chain_files(path: str) -> list[str]:
+    """The files of the qcow2 chain ending in ``path``, by depth (0 = ``path``)."""
+    rows = info(path, "qcow2", chain=True)["chain"]
+    return [str(r["filename"]) for r in rows]
 
 
 def compare(a: str, a_fmt: str, b: str, b_fmt: str) -> bool:

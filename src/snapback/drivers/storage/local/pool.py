@@ -29,7 +29,7 @@ from snapback.drivers.storage.base import (
     ProgressFn,
     StoragePool,
 )
-from snapback.drivers.storage.local import layers, tracking
+from snapback.drivers.storage.local import direct, layers, tracking
 from snapback.drivers.storage.local.meta import (
     LOCK,
     META,
@@ -222,9 +222,11 @@ class LocalPool(StoragePool):
         meta = stack.enter_context(self.locked(name))
         try:
             layer = self._snapshot(meta, snapshot).layer if snapshot else meta.head
-            handle = NbdHandle(
-                str(self.layer_path(name, layer)), read_only=read_only or snapshot is not None
-            )
+            path = str(self.layer_path(name, layer))
+            if read_only or snapshot is not None:  # nothing writes these files meanwhile
+                handle = direct.open_read_only(path)
+            else:
+                handle = NbdHandle(path, read_only=False)
         except BaseException:
             stack.close()
             raise

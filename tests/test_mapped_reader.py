@@ -1,0 +1,74 @@
+"""The local pool's read-only handle reads data clusters straight from the layer
+files at the offsets ``qemu-img map`` gives: it must read exactly what QEMU
+reads, across a backing chain, zero clusters, holes and compressed clusters."""
+
+from __future__ import annotations
+
+import random
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from snapback.domain.errors import StorageError
+from snapback.drivers.storage.local.direct import MappedReader, open_read_only
+from snapback.drivers.storage.nbd import NbdHandle
+
+MIB = 1 << 20
+
+
+def qemu_io(path: Path, *commands: str) -> None:
+    argv = ["qemu-io", "-f", "qcow2"]
+    for c in commands:
+        argv += ["-c", c]
+    subprocess.run([*argv, str(path)], check=True, capture_output=True)
+
+
+@pytest.fixture
+def chain(tmp_path: Path) -> Path:
+    base, top = tmp_path / "base.qcow2", tmp_path / "top.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(base), "48M"], check=True)
+    qemu_io(base, "write -P 1 0 3M", "write -c -P 2 4M 1M", "write -P 7 20M 5M")
+    subprocess.run(
+        ["qemu-img", "create", "-q", "-f", "qcow2", "-b", base.name, "-F", "qcow2", str(top)],
+        check=True,
+        cwd=tmp_path,
+    )
+    qemu_io(top, "write -P 3 512k 1M", "write -z 21M 1M", "write -P 9 47M 1M")
+    return top
+
+
+def test_mapped_reads_equal_qemu_reads(chain: Path) -> None:
+    mapped = open_read_only(str(chain))
+    nbd = NbdHandle(str(chain), read_only=True)
+    try:
+        assert isinstance(mapped, MappedReader)
+        assert mapped.size == nbd.size == 48 * MIB
+        assert mapped.read(0, mapped.size) == nbd.read(0, nbd.size)
+        rng = random.Random(5)
+        for _ in range(200):
+            off = rng.randrange(mapped.size)
+            n = rng.randrange(min(6 * MIB, mapped.size - off) + 1)
+            assert mapped.read(off, n) == nbd.read(off, n), (off, n)
+        assert mapped.read(4 * MIB, 4096) == b"\x02" * 4096  # compressed: through QEMU
+        assert mapped.read(21 * MIB, 8) == bytes(8)  # zero cluster over data below
+    finally:
+        mapped.close()
+        nbd.close()
+
+
+def test_mapped_reader_refuses_writes_and_ranges_outside(chain: Path) -> None:
+    with open_read_only(str(chain)) as h:
+        with pytest.raises(StorageError, match="read-only"):
+            h.write(0, b"x")
+        with pytest.raises(StorageError, match="outside the volume"):
+            h.read(h.size - 10, 11)
+
+
+def test_a_layer_cut_short_is_an_error_not_zeroes(chain: Path) -> None:
+    with open_read_only(str(chain)) as h:
+        base = chain.parent / "base.qcow2"
+        with open(base, "r+b") as f:  # the base's data lies at its end: cut it off
+            f.truncate(base.stat().st_size - 2 * MIB)
+        with pytest.raises(StorageError, match="shorter than its map"):
+            h.read(20 * MIB, 5 * MIB)
