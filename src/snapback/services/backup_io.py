@@ -9,6 +9,7 @@ whatever the disk's size (docs/backups.md, "How fast").
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 from collections.abc import Callable, Iterable
@@ -22,6 +23,7 @@ from snapback.repository.repo import Repository
 WORKERS = max(2, min(6, (os.cpu_count() or 2) + 1))
 IN_FLIGHT = 2 * WORKERS
 SPARSE_BLOCK = 64 << 10
+LAND_EVERY = 16  # chunks (512 MiB) a restore writes between two commit_writes
 _ZERO_BLOCK = bytes(SPARSE_BLOCK)
 
 
@@ -159,9 +161,10 @@ def restore_chunks(
 ) -> None:
     """Fetch, check and write each (position, chunk id); zero runs stay holes.
 
-    Fetching and checking run on the pool; writes go through one lock (the handle
-    is not shared between threads)."""
-    write_lock = threading.Lock()
+    Fetching and checking run on the pool; writes too when the handle takes them
+    from several threads (qemu-nbd then works on several at once), else through
+    one lock."""
+    write_lock = threading.Lock() if not handle.parallel_writes else contextlib.nullcontext()
 
     def work(n: int, item: bytes | str) -> None:
         data = repo.get_chunk(str(item))
@@ -169,7 +172,8 @@ def restore_chunks(
         view = memoryview(data)
         with write_lock:
             for off, length in runs:
-                handle.write(n * chunk + off, view[off : off + length].tobytes())
+                whole = length == len(data)  # the usual case: no copy
+                handle.write(n * chunk + off, data if whole else view[off : off + length].tobytes())
 
     def report(done: int) -> None:
         if progress is not None:

@@ -189,12 +189,6 @@ def map_extents(path: str, fmt: str) -> list[Extent]:
     ]
 
 
-def chain_files(path: str) -> list[str]:
-    """The files of the qcow2 chain ending in ``path``, by depth (0 = ``path``)."""
-    rows = info(path, "qcow2", chain=True)["chain"]
-    return [str(r["filename"]) for r in rows]
-
-
 def compare(a: str, a_fmt: str, b: str, b_fmt: str) -> bool:
     """True when both images read the same (sizes included)."""
     res = run(

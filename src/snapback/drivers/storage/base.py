@@ -70,6 +70,8 @@ class TrashEntry:
 class BlockHandle(abc.ABC):
     """Byte access to a volume or a snapshot (read-only for a snapshot)."""
 
+    parallel_writes = False  # True: write() may be called from several threads at once
+
     @property
     @abc.abstractmethod
     def size(self) -> int: ...

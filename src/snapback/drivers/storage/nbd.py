@@ -25,6 +25,8 @@ def _nbd() -> Any:
 
 
 class NbdHandle(BlockHandle):
+    parallel_writes = True  # libnbd handles are thread-safe; qemu-nbd serves requests at once
+
     def __init__(self, path: str, *, read_only: bool) -> None:
         nbd = _nbd()
         argv = ["qemu-nbd", "-f", "qcow2", "--cache=none" if not read_only else "--cache=writeback"]

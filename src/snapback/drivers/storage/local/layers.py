@@ -31,6 +31,7 @@ class LockedHandle(BlockHandle):
 
     def __init__(self, inner: BlockHandle, stack: contextlib.ExitStack) -> None:
         self._inner, self._stack = inner, stack
+        self.parallel_writes = inner.parallel_writes
 
     @property
     def size(self) -> int:
