@@ -21,8 +21,10 @@ a fresh volume and a fresh copy of the raw file; the table shows medians.
    with os.pwrite into the raw file (peers); snapback's incremental against
    borg's second ``create`` (its files cache cannot help: the file changed, so
    it reads and chunks the whole file again); restic's for information. The
-   record's ``change_tracking`` is shown. Target <= 0.1 with change tracking,
-   <= 0.8 with the hash-compare fallback.
+   record's ``change_tracking`` is shown. Target <= 0.1 with change tracking.
+   Then 1 % more is rewritten and the volume's tracking bitmap removed (tracking
+   lost): snapback falls back to comparing chunk hashes, against borg's third
+   ``create``. Target <= 0.8.
 3. restore of the full backup: snapback ``restore`` into a new volume (the
    export used for the sha256 check is not timed) against ``restic restore``
    (target <= 0.5) and ``borg extract --sparse`` (information). Every restore is
@@ -325,6 +327,27 @@ def one_run(
         sb.restore(incr["id"], sb_repo, restored)
         check(sb.export_sha(restored, d / "export.raw"), sha256(peer_file), "snapback incr restore")
         sb.volumes.delete(restored)
+    # 2b. the same with change tracking lost (its bitmap removed): hash-compare
+    writes = scatter_writes(disk, seed=2000 + i)
+    sb.write(vol, writes)
+    fd = os.open(peer_file, os.O_WRONLY)
+    try:
+        for off, data in writes:
+            os.pwrite(fd, data, off)
+    finally:
+        os.close(fd)
+    sb.ctx.pool("default").stop_tracking(sb.storage(vol), "snapback-" + incr["id"])
+    out["sb_hash_incr_s"], hashed = sb.backup(vol, sb_repo)
+    check(hashed["change_tracking"], "hash-compare", "change tracking after the bitmap is gone")
+    out["borg_incr2_s"], _ = run(
+        ["borg", "create", "--chunker-params", "fixed,4194304", "-C", "zstd,1",
+         f"{borg_repo}::incr2", str(peer_file)],
+        env,
+    )  # fmt: skip
+    if i == 0:
+        sb.restore(hashed["id"], sb_repo, restored)
+        check(sb.export_sha(restored, d / "export.raw"), sha256(peer_file), "snapback hash restore")
+        sb.volumes.delete(restored)
     sb.volumes.delete(vol)
 
     # 4. an unchanged thin volume
@@ -393,6 +416,7 @@ def summarise(rows: list[dict[str, Any]], mem: dict[str, int], args: Any) -> dic
         "full_vs_restic": (med("sb_full_s") / med("restic_full_s"), 0.3),
         "size_vs_borg": (med("sb_repo_bytes") / med("borg_repo_bytes"), 1.0),
         "incr_vs_borg": (med("sb_incr_s") / med("borg_incr_s"), 0.1 if tracked else 0.8),
+        "hash_incr_vs_borg": (med("sb_hash_incr_s") / med("borg_incr2_s"), 0.8),
         "restore_vs_restic": (med("sb_restore_s") / med("restic_restore_s"), 0.5),
         "rss_disk_vs_disk8": (mem["sb_rss_disk_kib"] / mem["sb_rss_small_kib"], 1.25),
     }
@@ -423,6 +447,8 @@ def print_table(res: dict[str, Any], versions: dict[str, str], copied: int) -> N
         (f"incremental ({'/'.join(res['change_tracking'])})", res["sb_incr_s"],
          res["borg_incr_s"], res["restic_incr_s"]),
         ("incremental: bytes read", mb(res["sb_incr_read_bytes"]), "", ""),
+        ("incremental, tracking lost (hash-compare)", res["sb_hash_incr_s"],
+         res["borg_incr2_s"], ""),
         ("restore of the full backup", res["sb_restore_s"], res["borg_restore_s"],
          res["restic_restore_s"]),
         (f"thin {format_size(res['thin_size'])}: full", res["thin_full_s"], "", ""),

@@ -34,7 +34,10 @@ KDF = {"memory_kib": 65536, "iterations": 3, "lanes": 1}
 # made before it keep BLAKE2b-256.
 HASHES = ("sha256", "blake2b-256")
 DEFAULT_HASH = "sha256"
-LEVEL = 1  # zstd: level 3 costs 1.8 times the time for 10 % less
+# zstd level 1 with a 4 MiB window (the whole chunk) and a larger hash table: 5 %
+# smaller than plain level 1 at the same speed; level 2 is 4 % smaller again but
+# takes 20 % longer (4 MiB chunks of an ext4 disk of /usr, this machine).
+LEVEL, WINDOW_LOG, HASH_LOG = 1, 22, 15
 
 
 class RepositoryError(StorageError):
@@ -118,7 +121,10 @@ class Sealer:
     def _compressor(self) -> zstandard.ZstdCompressor:
         c: zstandard.ZstdCompressor | None = getattr(self._local, "c", None)
         if c is None:
-            c = self._local.c = zstandard.ZstdCompressor(level=self._level)
+            params = zstandard.ZstdCompressionParameters.from_level(
+                self._level, window_log=WINDOW_LOG, hash_log=HASH_LOG
+            )
+            c = self._local.c = zstandard.ZstdCompressor(compression_params=params)
         return c
 
     def content_id(self, plain: bytes) -> str:

@@ -20,7 +20,8 @@ from snapback.domain.models import Progress
 from snapback.drivers.storage.base import BlockHandle, ProgressFn
 from snapback.repository.repo import Repository
 
-WORKERS = max(2, min(6, (os.cpu_count() or 2) + 1))
+# Twice the cores: a worker waiting on fsync or a write leaves its core to another.
+WORKERS = max(4, min(8, 2 * (os.cpu_count() or 2)))
 IN_FLIGHT = 2 * WORKERS
 SPARSE_BLOCK = 64 << 10
 LAND_EVERY = 16  # chunks (512 MiB) a restore writes between two commit_writes

@@ -19,6 +19,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from snapback.domain.errors import ToolFailed
 from snapback.drivers.imagefmt import qemu_img
 from snapback.drivers.storage.local.meta import VolumeMeta
 from snapback.drivers.storage.nbd import dirty_extents
@@ -30,13 +31,22 @@ PREFIX = "snapback-"
 
 
 def start(head: Path, name: str) -> None:
-    if name not in qemu_img.bitmaps(str(head)):
+    """Add the bitmap; already there (a recovery running this again) is fine. The
+    usual case costs one qemu-img call, the rare one a look at the bitmaps."""
+    try:
         qemu_img.bitmap(str(head), name, add=True)
+    except ToolFailed:
+        if name not in qemu_img.bitmaps(str(head)):
+            raise
 
 
 def stop(head: Path, name: str) -> None:
-    if name in qemu_img.bitmaps(str(head)):
+    """Remove the bitmap; already gone is fine."""
+    try:
         qemu_img.bitmap(str(head), name, add=False)
+    except ToolFailed:
+        if name in qemu_img.bitmaps(str(head)):
+            raise
 
 
 def carry(source: Path, target: Path) -> None:
