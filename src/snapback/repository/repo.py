@@ -147,11 +147,11 @@ class Repository:
         raise last or RepositoryError(f"{backend.url} is encrypted but has no key file")
 
     # -- chunks ----------------------------------------------------------------------
-    def chunk_id(self, data: bytes) -> str:
+    def chunk_id(self, data: bytes | bytearray) -> str:
         return self.sealer.content_id(data)
 
     def put_chunk(
-        self, data: bytes, chunk_id: str | None = None, *, repairs: bool = False
+        self, data: bytes | bytearray, chunk_id: str | None = None, *, repairs: bool = False
     ) -> tuple[str, bool]:
         """Store a chunk once; (id, True when new). ``repairs``: the chunk is in
         quarantine, and storing it again mends the backups that name it."""

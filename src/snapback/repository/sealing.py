@@ -127,7 +127,7 @@ class Sealer:
             c = self._local.c = zstandard.ZstdCompressor(compression_params=params)
         return c
 
-    def content_id(self, plain: bytes) -> str:
+    def content_id(self, plain: bytes | bytearray) -> str:
         key = self.keys.id_key if self.keys else b""
         if self.id_hash == "blake2b-256":
             return hashlib.blake2b(plain, digest_size=32, key=key).hexdigest()
@@ -135,7 +135,7 @@ class Sealer:
             return hmac.digest(key, plain, "sha256").hex()
         return hashlib.sha256(plain).hexdigest()
 
-    def seal(self, kind: int, name: str, plain: bytes) -> bytes:
+    def seal(self, kind: int, name: str, plain: bytes | bytearray) -> bytes:
         if len(plain) > MAX_PLAIN:
             raise RepositoryError(f"object {name} is too large ({len(plain)} bytes)")
         payload = self._compressor().compress(plain)

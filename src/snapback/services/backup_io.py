@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import contextlib
 import os
+import queue
 import threading
 from collections.abc import Callable, Iterable
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 from snapback.domain.models import Progress
 from snapback.drivers.storage.base import BlockHandle, ProgressFn
@@ -26,6 +28,7 @@ IN_FLIGHT = 2 * WORKERS
 SPARSE_BLOCK = 64 << 10
 LAND_EVERY = 16  # chunks (512 MiB) a restore writes between two commit_writes
 _ZERO_BLOCK = bytes(SPARSE_BLOCK)
+T = TypeVar("T")
 
 
 @dataclass
@@ -49,7 +52,7 @@ class StoreStats:
 _zero_chunks: dict[int, bytes] = {}
 
 
-def is_zero(data: bytes) -> bool:
+def is_zero(data: bytes | bytearray) -> bool:
     """One memcmp against a zero buffer of the same length (comparing memoryviews is
     20 times slower, and holds the GIL)."""
     zero = _zero_chunks.get(len(data))
@@ -75,8 +78,8 @@ def data_runs(data: bytes, block: int = SPARSE_BLOCK) -> list[tuple[int, int]]:
 
 
 def _bounded_map(
-    items: Iterable[tuple[int, bytes | str]],
-    work: Callable[[int, bytes | str], None],
+    items: Iterable[tuple[int, T]],
+    work: Callable[[int, T], None],
     progress: Callable[[int], None],
 ) -> None:
     """Run ``work`` on each item on the pool, at most ``IN_FLIGHT`` at once; the
@@ -119,14 +122,28 @@ def store_chunks(
     chunk = repo.config.chunk_size
     stats = StoreStats()
 
-    def reads() -> Iterable[tuple[int, bytes | str]]:
-        for n in todo:
-            data = handle.read(n * chunk, min(chunk, size - n * chunk))
-            stats.read_bytes += len(data)
-            yield n, data
+    # Buffers go round: reading into fresh memory costs page faults that dwarf the
+    # copy (2.5 ms against 0.75 ms per 4 MiB here); a worker gives its buffer back.
+    free: queue.SimpleQueue[bytearray] = queue.SimpleQueue()
+    for _ in range(IN_FLIGHT + 1):
+        free.put(bytearray(chunk))
 
-    def work(n: int, item: bytes | str) -> None:
-        data = item if isinstance(item, bytes) else b""
+    def reads() -> Iterable[tuple[int, bytearray]]:
+        for n in todo:
+            length = min(chunk, size - n * chunk)
+            buf = free.get() if length == chunk else bytearray(length)
+            handle.read_into(n * chunk, buf)
+            stats.read_bytes += length
+            yield n, buf
+
+    def work(n: int, data: bytearray) -> None:
+        try:
+            _store_one(n, data)
+        finally:
+            if len(data) == chunk:
+                free.put(data)
+
+    def _store_one(n: int, data: bytearray) -> None:
         if is_zero(data):
             ids[n] = None
             with stats._lock:
@@ -167,8 +184,8 @@ def restore_chunks(
     one lock."""
     write_lock = threading.Lock() if not handle.parallel_writes else contextlib.nullcontext()
 
-    def work(n: int, item: bytes | str) -> None:
-        data = repo.get_chunk(str(item))
+    def work(n: int, cid: str) -> None:
+        data = repo.get_chunk(cid)
         runs = data_runs(data)
         view = memoryview(data)
         with write_lock:

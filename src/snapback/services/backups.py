@@ -166,12 +166,14 @@ class BackupService:
         return record
 
     def _parent(self, repo: Repository, key: str, value: str) -> dict[str, Any] | None:
-        mine = [
-            r
-            for r in (repo.get_record(b) for b in repo.backup_ids())
-            if r.get("source", {}).get(key) == value
-        ]
-        return max(mine, key=lambda r: float(r["created_at"])) if mine else None
+        """The newest backup of this source. Backup ids begin with their UTC creation
+        time, so records are read newest first and the first match is the one: the
+        cost follows the backups made since, not the repository's whole history."""
+        for backup_id in reversed(repo.backup_ids()):
+            record = repo.get_record(backup_id)
+            if record.get("source", {}).get(key) == value:
+                return record
+        return None
 
     def _store_disk(
         self,

@@ -79,6 +79,10 @@ class BlockHandle(abc.ABC):
     @abc.abstractmethod
     def read(self, offset: int, length: int) -> bytes: ...
 
+    def read_into(self, offset: int, buf: bytearray) -> None:
+        """Fill ``buf`` from ``offset`` (a handle that can, reads straight into it)."""
+        buf[:] = self.read(offset, len(buf))
+
     @abc.abstractmethod
     def write(self, offset: int, data: bytes) -> None: ...
 

@@ -26,6 +26,7 @@ from snapback.drivers.storage.base import BlockHandle
 from snapback.drivers.storage.nbd import NbdHandle
 
 DIRECT_FORMATS = ("qcow2", "raw")
+_ZEROES = bytes(4 << 20)
 
 
 def open_read_only(path: str) -> BlockHandle:
@@ -60,11 +61,19 @@ class MappedReader(BlockHandle):
         return self._size
 
     def read(self, offset: int, length: int) -> bytes:
-        if offset < 0 or length < 0 or offset + length > self._size:
+        buf = bytearray(length)
+        self.read_into(offset, buf)
+        return bytes(buf)
+
+    def read_into(self, offset: int, buf: bytearray) -> None:
+        """Fill ``buf`` piece by piece: ``preadv`` straight into it for data, zeroes
+        for holes, QEMU for compressed clusters."""
+        length = len(buf)
+        if offset < 0 or offset + length > self._size:
             raise StorageError(
                 f"range {offset}+{length} lies outside the volume ({self._size} bytes)"
             )
-        pieces: list[bytes] = []
+        view = memoryview(buf)
         pos, end = offset, offset + length
         i = max(0, bisect.bisect_right(self._starts, pos) - 1)
         while pos < end:
@@ -72,30 +81,29 @@ class MappedReader(BlockHandle):
                 raise StorageError(f"{self._path}: no map entry for offset {pos}")
             e = self._extents[i]
             n = min(end, e.start + e.length) - pos
-            if n <= 0:
-                i += 1
-                continue
-            pieces.append(self._piece(e, pos, n))
-            pos += n
+            if n > 0:
+                self._piece(e, pos, view[pos - offset : pos - offset + n])
+                pos += n
             i += 1
-        return pieces[0] if len(pieces) == 1 else b"".join(pieces)
 
-    def _piece(self, e: qemu_img.Extent, pos: int, n: int) -> bytes:
+    def _piece(self, e: qemu_img.Extent, pos: int, out: memoryview) -> None:
+        n = len(out)
         if not e.data:
-            return bytes(n)
+            out[:] = _ZEROES[:n] if n <= len(_ZEROES) else bytes(n)
+            return
         if e.offset is None:  # compressed: only QEMU can read it
             if self._nbd is None:
                 self._nbd = NbdHandle(self._path, read_only=True)
-            return self._nbd.read(pos, n)
+            out[:] = self._nbd.read(pos, n)
+            return
         if e.depth >= len(self._fds):
             raise StorageError(f"{self._path}: map names layer {e.depth} of {len(self._fds)}")
         try:
-            data = os.pread(self._fds[e.depth], n, e.offset + (pos - e.start))
+            got = os.preadv(self._fds[e.depth], [out], e.offset + (pos - e.start))
         except OSError as exc:
             raise StorageError(f"read failed at {pos} of {self._path}: {exc.strerror}") from exc
-        if len(data) != n:
+        if got != n:
             raise StorageError(f"{self._path}: layer {e.depth} is shorter than its map says")
-        return data
 
     def write(self, offset: int, data: bytes) -> None:
         raise StorageError("this handle is read-only")

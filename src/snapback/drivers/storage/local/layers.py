@@ -40,6 +40,9 @@ class LockedHandle(BlockHandle):
     def read(self, offset: int, length: int) -> bytes:
         return self._inner.read(offset, length)
 
+    def read_into(self, offset: int, buf: bytearray) -> None:
+        self._inner.read_into(offset, buf)
+
     def write(self, offset: int, data: bytes) -> None:
         self._inner.write(offset, data)
 
