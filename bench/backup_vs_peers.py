@@ -241,6 +241,27 @@ class Snapback:
 
 
 # -- one run ---------------------------------------------------------------------------------
+def rewrite(sb: Snapback, vol: str, peer_file: Path, writes: list[tuple[int, bytes]]) -> None:
+    """The same writes into snapback's volume (its block handle) and the peers' raw file."""
+    sb.write(vol, writes)
+    fd = os.open(peer_file, os.O_WRONLY)
+    try:
+        for off, data in writes:
+            os.pwrite(fd, data, off)
+    finally:
+        os.close(fd)
+
+
+def borg_create(
+    repo: Path, archive: str, peer_file: Path, env: dict[str, str]
+) -> tuple[float, int]:
+    return run(
+        ["borg", "create", "--chunker-params", "fixed,4194304", "-C", "zstd,1",
+         f"{repo}::{archive}", str(peer_file)],
+        env,
+    )  # fmt: skip
+
+
 def one_run(
     sb: Snapback,
     work: Path,
@@ -273,11 +294,7 @@ def one_run(
         sb.volumes.delete(vol_q)
         shutil.rmtree(q_repo)
     run(["borg", "init", "-e", "none", str(borg_repo)], env)
-    out["borg_full_s"], out["borg_full_rss_kib"] = run(
-        ["borg", "create", "--chunker-params", "fixed,4194304", "-C", "zstd,1",
-         f"{borg_repo}::full", str(peer_file)],
-        env,
-    )  # fmt: skip
+    out["borg_full_s"], out["borg_full_rss_kib"] = borg_create(borg_repo, "full", peer_file, env)
     out["borg_repo_bytes"] = du(borg_repo)
     run(["restic", "init", "--repo", str(restic_repo)], env)
     out["restic_full_s"], out["restic_full_rss_kib"] = run(
@@ -305,21 +322,11 @@ def one_run(
 
     # 2. incremental after 1 % scattered rewrites
     writes = scatter_writes(disk, seed=1000 + i)
-    sb.write(vol, writes)
-    fd = os.open(peer_file, os.O_WRONLY)
-    try:
-        for off, data in writes:
-            os.pwrite(fd, data, off)
-    finally:
-        os.close(fd)
+    rewrite(sb, vol, peer_file, writes)
     out["sb_incr_s"], incr = sb.backup(vol, sb_repo)
     out["change_tracking"] = incr["change_tracking"]
     out["sb_incr_read_bytes"] = incr["stats"]["read_bytes"]
-    out["borg_incr_s"], _ = run(
-        ["borg", "create", "--chunker-params", "fixed,4194304", "-C", "zstd,1",
-         f"{borg_repo}::incr", str(peer_file)],
-        env,
-    )  # fmt: skip
+    out["borg_incr_s"], _ = borg_create(borg_repo, "incr", peer_file, env)
     out["restic_incr_s"], _ = run(
         ["restic", "backup", "--repo", str(restic_repo), str(peer_file)], env
     )
@@ -329,21 +336,11 @@ def one_run(
         sb.volumes.delete(restored)
     # 2b. the same with change tracking lost (its bitmap removed): hash-compare
     writes = scatter_writes(disk, seed=2000 + i)
-    sb.write(vol, writes)
-    fd = os.open(peer_file, os.O_WRONLY)
-    try:
-        for off, data in writes:
-            os.pwrite(fd, data, off)
-    finally:
-        os.close(fd)
+    rewrite(sb, vol, peer_file, writes)
     sb.ctx.pool("default").stop_tracking(sb.storage(vol), "snapback-" + incr["id"])
     out["sb_hash_incr_s"], hashed = sb.backup(vol, sb_repo)
     check(hashed["change_tracking"], "hash-compare", "change tracking after the bitmap is gone")
-    out["borg_incr2_s"], _ = run(
-        ["borg", "create", "--chunker-params", "fixed,4194304", "-C", "zstd,1",
-         f"{borg_repo}::incr2", str(peer_file)],
-        env,
-    )  # fmt: skip
+    out["borg_incr2_s"], _ = borg_create(borg_repo, "incr2", peer_file, env)
     if i == 0:
         sb.restore(hashed["id"], sb_repo, restored)
         check(sb.export_sha(restored, d / "export.raw"), sha256(peer_file), "snapback hash restore")

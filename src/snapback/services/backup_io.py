@@ -26,7 +26,6 @@ from snapback.repository.repo import Repository
 WORKERS = max(4, min(8, 2 * (os.cpu_count() or 2)))
 IN_FLIGHT = 2 * WORKERS
 SPARSE_BLOCK = 64 << 10
-LAND_EVERY = 16  # chunks (512 MiB) a restore writes between two commit_writes
 _ZERO_BLOCK = bytes(SPARSE_BLOCK)
 T = TypeVar("T")
 

@@ -2,10 +2,11 @@
 
 ``qemu-img map`` tells, for every range of the guest-visible disk, which file
 of the chain holds it and at which offset; the reader then serves each read
-with ``os.pread`` on that file — no qemu-nbd process, no socket copy, and the
-GIL is released while the kernel copies. Ranges that read as zeroes cost
-nothing; compressed clusters (no offset) go through a read-only qemu-nbd
-export, opened only if such a range is read.
+with ``os.preadv`` on that file, straight into the caller's buffer — no
+qemu-nbd process, no socket copy, and the GIL is released while the kernel
+copies. Ranges that read as zeroes cost nothing; compressed clusters (no
+offset) go through a read-only qemu-nbd export, opened only if such a range is
+read.
 
 Only for files that do not change while the handle is open: a snapshot's
 layers, or a stopped volume's head under its volume lock (a backup). Files the
