@@ -5,4 +5,5 @@ set -euo pipefail
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 "$here/scripts/bootstrap.sh"
 cd "$here"
-exec "$here/.venv/bin/python" -m pytest -q -p no:cacheprovider "$@"
+# Unbuffered: progress reaches a CI log at once, also when the run is cut off.
+PYTHONUNBUFFERED=1 exec "$here/.venv/bin/python" -m pytest -q --durations=15 -p no:cacheprovider "$@"

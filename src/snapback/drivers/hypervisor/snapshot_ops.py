@@ -31,7 +31,7 @@ from snapback.drivers.hypervisor.libvirt_driver import (
 # nova's historic minimums for its live snapshot (MIN_LIBVIRT/QEMU_LIVESNAPSHOT_VERSION)
 MIN_LIBVIRT_LIVE = (1, 3, 0)
 MIN_QEMU_LIVE = (2, 5, 0)
-AGENT_TIMEOUT_S = 5
+AGENT_TIMEOUT_S = 15  # only an agent that is connected but slow waits this long
 THAW_WAIT_S = 30.0  # after a restore libvirt sees the agent's port again a moment later
 
 
