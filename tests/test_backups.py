@@ -207,6 +207,30 @@ def test_backup_killed_at_each_step(cli: Cli, repo: str, tmp_path: Path, step: s
     assert_consistent(Context(load_settings(cli.home)))
 
 
+@pytest.mark.parametrize("step", ["volume", "opened", "written"])
+def test_restore_killed_at_each_step(cli: Cli, repo: str, tmp_path: Path, step: str) -> None:
+    """Before its data is whole the new volume goes; once written it stays, whole."""
+    src = disk(tmp_path)
+    cli("volume", "import", "v", "--file", str(src))
+    first = backup(cli, "v", repo)
+    res = cli("backup", "restore", first["id"], "--repo", repo, "--to-volume", "r",
+              check=False, env={"SNAPBACK_CRASH_AT": f"backup.restore:{step}"})  # fmt: skip
+    assert res.returncode == -9, res.stderr
+    cli("gc")
+    names = {v["name"] for v in cli.json("volume", "list")}
+    if step == "written":
+        out = tmp_path / "r.raw"
+        cli("volume", "export", "r", "--file", str(out))
+        assert out.read_bytes() == src.read_bytes()
+    else:
+        assert "r" not in names
+        assert restore_bytes(cli, first["id"], repo, tmp_path, "r") == src.read_bytes()
+    from snapback.config import load_settings
+    from snapback.services.context import Context
+
+    assert_consistent(Context(load_settings(cli.home)))
+
+
 def test_gc_removes_only_the_unreferenced_and_never_races_a_backup(
     cli: Cli, repo: str, tmp_path: Path
 ) -> None:

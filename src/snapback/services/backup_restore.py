@@ -55,7 +55,8 @@ def restore_disk(
             storage = live_volume(s, pool, to_volume).storage_name
         chunk = int(index["chunk_size"])
         wanted = [(n, cid) for n, cid in enumerate(index["chunks"]) if cid]
-        with ctx.pool(pool).open(storage) as handle:
+        with ctx.pool(pool).open_new(storage) as handle:
+            op.step("opened")  # a local volume's file is now being rewritten: no header yet
             restore_chunks(repo, handle, chunk, wanted, progress)
         op.step("written")
     return view.id, len(wanted)

@@ -189,6 +189,20 @@ def map_extents(path: str, fmt: str) -> list[Extent]:
     ]
 
 
+def check(path: str) -> None:
+    """Raise when ``qemu-img check`` finds the qcow2 file damaged or leaking clusters."""
+    res = run(
+        [binary(), "check", "-q", "--output=json", "-f", "qcow2", path],
+        limits=INFO_LIMITS,
+        check=False,
+    )
+    if res.returncode != 0:
+        raise StorageError(
+            f"qemu-img check finds {path} inconsistent (exit {res.returncode}): "
+            f"{res.stdout.strip()[:500]}"
+        )
+
+
 def compare(a: str, a_fmt: str, b: str, b_fmt: str) -> bool:
     """True when both images read the same (sizes included)."""
     res = run(

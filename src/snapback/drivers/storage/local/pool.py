@@ -29,7 +29,7 @@ from snapback.drivers.storage.base import (
     ProgressFn,
     StoragePool,
 )
-from snapback.drivers.storage.local import direct, layers, tracking
+from snapback.drivers.storage.local import direct, fresh, layers, tracking
 from snapback.drivers.storage.local.meta import (
     LOCK,
     META,
@@ -227,6 +227,23 @@ class LocalPool(StoragePool):
                 handle = direct.open_read_only(path)
             else:
                 handle = NbdHandle(path, read_only=False)
+        except BaseException:
+            stack.close()
+            raise
+        return layers.LockedHandle(handle, stack)
+
+    def open_new(self, name: str) -> BlockHandle:
+        """The new volume's only layer is written by ``fresh.FreshQcow2``, not by
+        qemu-nbd; a volume with snapshots or data is refused."""
+        stack = contextlib.ExitStack()
+        meta = stack.enter_context(self.locked(name))
+        try:
+            path = str(self.layer_path(name, meta.head))
+            if meta.snapshots or len(meta.layers) != 1 or any(
+                e.data for e in qemu_img.map_extents(path, "qcow2")
+            ):
+                raise Conflict(f"volume {self.name}/{name} is not new and empty")
+            handle: BlockHandle = fresh.FreshQcow2(path, meta.size)
         except BaseException:
             stack.close()
             raise
