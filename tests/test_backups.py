@@ -91,20 +91,24 @@ def test_full_and_incremental_restore_byte_identical(cli: Cli, repo: str, tmp_pa
 
 
 def test_repository_of_an_older_snapback_keeps_its_content_hash(cli: Cli, tmp_path: Path) -> None:
-    """New repositories name content by SHA-256; one whose config says blake2b-256
-    (made before) keeps BLAKE2b names, and a hash nobody knows is refused."""
+    """New repositories name content by BLAKE3; one whose config says sha256 or
+    blake2b-256 (made before) keeps those names, and a hash nobody knows is refused."""
+    from blake3 import blake3
+
     src = disk(tmp_path)
     cli("volume", "import", "v", "--file", str(src))
-    new, old = tmp_path / "new", tmp_path / "old"
-    for path in (new, old):
+    new, sha, old = tmp_path / "new", tmp_path / "sha", tmp_path / "old"
+    for path in (new, sha, old):
         cli("repo", "init", str(path))
-    assert json.loads((new / "config").read_bytes())["hash"] == "sha256"
+    assert json.loads((new / "config").read_bytes())["hash"] == "blake3"
     config = json.loads((old / "config").read_bytes())
+    (sha / "config").write_text(json.dumps({**config, "hash": "sha256"}))
     (old / "config").write_text(json.dumps({**config, "hash": "blake2b-256"}))
     data = src.read_bytes()
     chunk = data[8 * MIB : 12 * MIB]
     for path, name in (
-        (new, hashlib.sha256(chunk).hexdigest()),
+        (new, blake3(chunk).hexdigest()),
+        (sha, hashlib.sha256(chunk).hexdigest()),
         (old, hashlib.blake2b(chunk, digest_size=32).hexdigest()),
     ):
         b = backup(cli, "v", str(path))
@@ -154,7 +158,9 @@ def test_encryption_passphrase_tampering_and_bombs(cli: Cli, tmp_path: Path) -> 
     cli("volume", "import", "v", "--file", str(disk(tmp_path)))
     b = backup(cli, "v", repo, env=PASS)
     chunk_names = [p.name for p in (Path(repo) / "chunks").rglob("*") if p.is_file()]
-    unkeyed = hashlib.sha256(b"\0" * MIB + b"x" * (3 * MIB)).hexdigest()
+    from blake3 import blake3
+
+    unkeyed = blake3(b"\0" * MIB + b"x" * (3 * MIB)).hexdigest()
     assert len(chunk_names) == 2 and unkeyed not in chunk_names  # keyed ids reveal nothing
     stored = b"".join(p.read_bytes() for p in (Path(repo) / "chunks").rglob("*") if p.is_file())
     assert b"x" * 64 not in stored
