@@ -214,3 +214,17 @@ def main(argv: list[str]) -> int:
 
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1:]))
+
+
+def thaws(path: Path) -> int:
+    """How many thaws the console shows so far (take it before a quiesced operation)."""
+    return path.read_text(errors="replace").count("FSTHAW") if path.exists() else 0
+
+
+def frozen_at(path: Path, thaws_before: int, disk: str = "vda") -> int:
+    """The last record written before the newest freeze, read once the console shows
+    that freeze's thaw: the serial console lags the agent's answers, more so on a
+    loaded host, so the marker may not be there yet when the operation returns."""
+    text = wait_console(path, lambda t: t.count("FSTHAW") > thaws_before)
+    head = text[: text.rindex("FSFREEZE")]
+    return max(int(n) for n in re.findall(rf"REC {disk} (\d+)", head))

@@ -5,7 +5,6 @@ marks while the guest runs, restore as a new instance that boots."""
 from __future__ import annotations
 
 import os
-import re
 import subprocess
 from pathlib import Path
 
@@ -13,7 +12,7 @@ from snapback.config import load_settings
 from snapback.services.catalog_queries import live_volume
 from snapback.services.context import Context
 from tests.conftest import Cli, assert_consistent, upload_guest, write_bytes
-from tests.guestrecords import READY_LINE, wait_console
+from tests.guestrecords import READY_LINE, frozen_at, thaws, wait_console
 
 MIB = 1 << 20
 
@@ -98,10 +97,10 @@ def test_running_instance_on_local_disks_is_read_through_a_libvirt_backup_job(
     wait_records(console, 3)
     repo = str(tmp_path / "repo")
     cli("repo", "init", repo)
+    thawed = thaws(console)
     first = cli.json("backup", "create", "--instance", "src", "--repo", repo)
     assert first["consistency"] == "quiesced" and first["change_tracking"] == "none"
-    text = console.read_text(errors="replace")
-    frozen_at = max(int(n) for n in re.findall(r"REC vda (\d+)", text[: text.rindex("FSFREEZE")]))
+    last = frozen_at(console, thawed)
     wait_records(console, 3)  # still writing: it was never stopped
     second = cli.json("backup", "create", "--instance", "src", "--repo", repo)
     assert second["change_tracking"] == "dirty-bitmap" and second["consistency"] == "quiesced"
@@ -135,6 +134,6 @@ def test_running_instance_on_local_disks_is_read_through_a_libvirt_backup_job(
     cli("instance", "start", "copy")
     copy_console = Path(cli.json("instance", "show", "copy")["console"])
     started = wait_console(copy_console, lambda t: "START vda" in t)
-    assert f"START vda {frozen_at + 1} " in started and out["status"] == "shutoff"
+    assert f"START vda {last + 1} " in started and out["status"] == "shutoff"
     cli("instance", "delete", "copy")
     assert_consistent(Context(load_settings(cli.home)))

@@ -8,7 +8,6 @@ seed. One running source instance is shared by the tests.
 from __future__ import annotations
 
 import itertools
-import re
 import shutil
 import subprocess
 import tempfile
@@ -24,7 +23,7 @@ from snapback.drivers.storage.rbd import RbdPool
 from snapback.services.context import Context
 from tests.ceph_fixture import CephCluster
 from tests.conftest import SLOTS, Cli, assert_consistent, upload_guest
-from tests.guestrecords import READY_LINE, parse_console, scan, wait_console
+from tests.guestrecords import READY_LINE, frozen_at, parse_console, scan, thaws, wait_console
 from tests.rbd_fixtures import wipe
 
 VIRSH = ["virsh", "-c", "qemu:///system"]
@@ -104,6 +103,7 @@ def test_instance_root_is_an_rbd_clone_reached_over_the_network(env: Env) -> Non
 
 
 def test_direct_flow_snapshot_clone_flatten_cleanup(env: Env) -> None:
+    thawed = thaws(env.console)
     img = env.cli.json("instance", "image-create", "src", "direct-now")
     props = img["properties"]
     assert props["snapback.flow"] == "direct" and props["snapback.consistency"] == "quiesced"
@@ -114,13 +114,12 @@ def test_direct_flow_snapshot_clone_flatten_cleanup(env: Env) -> None:
     assert [s.name for s in pool.list_snapshots(storage) if s.protected]  # its base
     root_snaps = env.cli.json("snapshot", "list", "src-root")
     assert root_snaps == []  # the source snapshot was unprotected and removed
-    text = env.console.read_text(errors="replace")
-    frozen_at = max(int(n) for n in re.findall(r"REC vda (\d+)", text[: text.rindex("FSFREEZE")]))
+    last = frozen_at(env.console, thawed)
     found = rbd_records(env, "images", storage)
-    assert all(found.values()) and max(found) == frozen_at
+    assert all(found.values()) and max(found) == last
     child = env.cli.json("instance", "create", "child", "--image", "direct-now")
     out = wait_console(Path(child["console"]), lambda t: "START vda" in t)
-    assert f"START vda {frozen_at + 1} " in out
+    assert f"START vda {last + 1} " in out
     env.cli("instance", "delete", "child")
     assert_consistent(env.ctx())
 
@@ -204,18 +203,18 @@ def test_direct_flow_killed_at_each_step(env: Env) -> None:
 def test_running_instance_backup_is_quiesced_and_restores_as_an_instance(env: Env) -> None:
     repo = str(env.tmp / "repo-instance")
     env.cli("repo", "init", repo)
+    thawed = thaws(env.console)
     first = env.cli.json("backup", "create", "--instance", "src", "--repo", repo)
     assert first["kind"] == "instance" and first["consistency"] == "quiesced"
     assert [d["target"] for d in first["disks"]] == ["vda"] and first["instance"]["domain_xml"]
-    text = env.console.read_text(errors="replace")
-    frozen_at = max(int(n) for n in re.findall(r"REC vda (\d+)", text[: text.rindex("FSFREEZE")]))
+    last = frozen_at(env.console, thawed)
     child = env.cli.json(
         "backup", "restore", first["id"], "--repo", repo, "--to-instance", "restored", "--start"
     )
     assert child["status"] == "active" and child["image"]  # the base image gives the kernel
     console = Path(env.cli.json("instance", "show", "restored")["console"])
     out = wait_console(console, lambda t: "START vda" in t)
-    assert f"START vda {frozen_at + 1} " in out  # the restore point is exactly the freeze
+    assert f"START vda {last + 1} " in out  # the restore point is exactly the freeze
     second = env.cli.json("backup", "create", "--instance", "src", "--repo", repo)
     assert second["change_tracking"] == "rbd-diff" and second["parent"] == first["id"]
     assert second["stats"]["read_bytes"] == 4 << 20  # the guest writes in chunk 0 only
