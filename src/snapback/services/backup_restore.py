@@ -56,7 +56,7 @@ def restore_disk(
         chunk = int(index["chunk_size"])
         wanted = [(n, cid) for n, cid in enumerate(index["chunks"]) if cid]
         with ctx.pool(pool).open_new(storage) as handle:
-            op.step("opened")  # a local volume's file is now being rewritten: no header yet
+            op.step("opened")  # from here the volume may hold a half-written file
             restore_chunks(repo, handle, chunk, wanted, progress)
         op.step("written")
     return view.id, len(wanted)

@@ -116,9 +116,7 @@ class FreshQcow2(BlockHandle):
         else:
             fd = self._fd
         try:
-            done = 0
-            while done < n:
-                done += os.pwrite(fd, piece[done:], at + done)
+            _write_all(fd, piece, at)
         except OSError as exc:
             raise StorageError(f"write failed at {at} of {self._path}: {exc.strerror}") from exc
 
@@ -196,9 +194,7 @@ class FreshQcow2(BlockHandle):
         os.ftruncate(self._fd, total << CLUSTER_BITS)
 
     def _put(self, data: bytes, at: int) -> None:
-        done = 0
-        while done < len(data):
-            done += os.pwrite(self._fd, data[done:], at + done)
+        _write_all(self._fd, data, at)
 
     def close(self) -> None:
         if self._closed:
@@ -214,3 +210,11 @@ class FreshQcow2(BlockHandle):
                 if fd is not None:
                     os.close(fd)
         qemu_img.check(self._path)
+
+
+def _write_all(fd: int, data: bytes | memoryview, at: int) -> None:
+    """``pwrite`` until every byte is written (a short write goes on where it stopped)."""
+    view = memoryview(data)
+    done = 0
+    while done < len(view):
+        done += os.pwrite(fd, view[done:], at + done)

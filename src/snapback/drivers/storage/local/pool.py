@@ -218,36 +218,28 @@ class LocalPool(StoragePool):
     def open(
         self, name: str, *, snapshot: str | None = None, read_only: bool = False
     ) -> BlockHandle:
-        stack = contextlib.ExitStack()
-        meta = stack.enter_context(self.locked(name))
-        try:
+        with contextlib.ExitStack() as stack:  # the lock goes with the handle, or on error
+            meta = stack.enter_context(self.locked(name))
             layer = self._snapshot(meta, snapshot).layer if snapshot else meta.head
             path = str(self.layer_path(name, layer))
             if read_only or snapshot is not None:  # nothing writes these files meanwhile
                 handle = direct.open_read_only(path)
             else:
                 handle = NbdHandle(path, read_only=False)
-        except BaseException:
-            stack.close()
-            raise
-        return layers.LockedHandle(handle, stack)
+            return layers.LockedHandle(handle, stack.pop_all())
 
     def open_new(self, name: str) -> BlockHandle:
         """The new volume's only layer is written by ``fresh.FreshQcow2``, not by
         qemu-nbd; a volume with snapshots or data is refused."""
-        stack = contextlib.ExitStack()
-        meta = stack.enter_context(self.locked(name))
-        try:
+        with contextlib.ExitStack() as stack:
+            meta = stack.enter_context(self.locked(name))
             path = str(self.layer_path(name, meta.head))
             if meta.snapshots or len(meta.layers) != 1 or any(
                 e.data for e in qemu_img.map_extents(path, "qcow2")
             ):
                 raise Conflict(f"volume {self.name}/{name} is not new and empty")
-            handle: BlockHandle = fresh.FreshQcow2(path, meta.size)
-        except BaseException:
-            stack.close()
-            raise
-        return layers.LockedHandle(handle, stack)
+            handle = fresh.FreshQcow2(path, meta.size)
+            return layers.LockedHandle(handle, stack.pop_all())
 
     def allocated_extents(self, volume: str, snapshot: str | None) -> list[tuple[int, int]]:
         with self.locked(volume) as meta:
