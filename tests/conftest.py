@@ -8,9 +8,11 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -64,15 +66,24 @@ class Cli:
         timeout: float = 120,
     ) -> CliResult:
         full_env = {**os.environ, "SNAPBACK_HOME": str(self.home), **self.env, **(env or {})}
-        proc = subprocess.run(
+        proc = subprocess.Popen(
             [SNAPBACK, *args],
-            capture_output=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
             text=True,
             env=full_env,
-            timeout=timeout,
-            check=False,
         )
-        result = CliResult(proc.returncode, proc.stdout, proc.stderr)
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.send_signal(signal.SIGUSR1)  # the command prints its threads' stacks
+            time.sleep(2)
+            proc.kill()
+            out, err = proc.communicate()
+            raise AssertionError(
+                f"snapback {' '.join(args)} still ran after {timeout} s; its stacks:\n{err}{out}"
+            ) from None
+        result = CliResult(proc.returncode, out, err)
         if check and proc.returncode != 0:
             raise AssertionError(
                 f"snapback {' '.join(args)} failed ({proc.returncode}):\n{proc.stderr}{proc.stdout}"

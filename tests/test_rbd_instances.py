@@ -188,7 +188,10 @@ def test_direct_flow_killed_at_each_step(env: Env) -> None:
             check=False,
         )
         assert res.returncode == -9, (step, res.stderr)
+        print(f"killed at {step}; gc", flush=True)  # shown when a step fails
+        began = time.monotonic()
         env.cli("gc")
+        print(f"gc took {time.monotonic() - began:.1f} s", flush=True)
         status = env.cli.json("image", "show", name)["status"]
         assert status == ("active" if step in ("activated", "cleaned") else "killed"), step
         assert env.cli.json("snapshot", "list", "src-root") == [], step  # no orphan snapshot

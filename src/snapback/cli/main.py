@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import faulthandler
+import signal
 import sys
 from typing import Any
 
@@ -93,4 +95,7 @@ _register()
 
 
 def main() -> None:
+    # `kill -USR1 PID` prints every thread's stack to stderr: a command that seems
+    # stuck (in librbd, libvirt or a subprocess) shows where, and carries on.
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
     cli(prog_name="snapback")

@@ -33,6 +33,9 @@ MIN_LIBVIRT_LIVE = (1, 3, 0)
 MIN_QEMU_LIVE = (2, 5, 0)
 AGENT_TIMEOUT_S = 15  # only an agent that is connected but slow waits this long
 THAW_WAIT_S = 30.0  # after a restore libvirt sees the agent's port again a moment later
+# libvirt waits for an agent's answer for ever by default: a guest whose agent hangs
+# would hang snapback (and its recovery) with it; freeze runs the guest's hooks
+AGENT_RESPONSE_TIMEOUT_S = 60
 
 
 class AgentUnavailable(HypervisorError):
@@ -203,11 +206,19 @@ def agent_ping(hv: LibvirtHypervisor, name: str) -> None:
         raise AgentUnavailable(f"the guest agent of {name} gave no answer")
 
 
+def _bounded_agent(hv: LibvirtHypervisor, name: str) -> Any:
+    """The domain, with libvirt's wait for its agent's answers bounded."""
+    dom = hv.domain(name)
+    with contextlib.suppress(_libvirt().libvirtError):  # not running: the call says so
+        dom.agentSetResponseTimeout(AGENT_RESPONSE_TIMEOUT_S, 0)
+    return dom
+
+
 def fs_freeze(hv: LibvirtHypervisor, name: str) -> int:
     """Freeze the guest's file systems; returns how many were frozen."""
     lv = _libvirt()
     try:
-        return int(hv.domain(name).fsFreeze(None, 0))
+        return int(_bounded_agent(hv, name).fsFreeze(None, 0))
     except lv.libvirtError as exc:
         raise _agent_error(name, exc) from exc
 
@@ -217,9 +228,10 @@ def fs_thaw(hv: LibvirtHypervisor, name: str, *, wait: float = 0.0) -> int:
     not connected (after a restore libvirt sees the agent's port again a moment later)."""
     lv = _libvirt()
     deadline = time.monotonic() + wait
+    dom = _bounded_agent(hv, name)
     while True:
         try:
-            return int(hv.domain(name).fsThaw(None, 0))
+            return int(dom.fsThaw(None, 0))
         except lv.libvirtError as exc:
             if time.monotonic() >= deadline:
                 raise _agent_error(name, exc) from exc
