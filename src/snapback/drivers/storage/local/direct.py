@@ -27,7 +27,7 @@ from snapback.drivers.storage.base import BlockHandle
 from snapback.drivers.storage.nbd import NbdHandle
 
 DIRECT_FORMATS = ("qcow2", "raw")
-_ZEROES = bytes(4 << 20)
+_ZEROES = memoryview(bytes(4 << 20))  # sliced without a copy
 
 
 def open_read_only(path: str) -> BlockHandle:
@@ -90,7 +90,9 @@ class MappedReader(BlockHandle):
     def _piece(self, e: qemu_img.Extent, pos: int, out: memoryview) -> None:
         n = len(out)
         if not e.data:
-            out[:] = _ZEROES[:n] if n <= len(_ZEROES) else bytes(n)
+            for at in range(0, n, len(_ZEROES)):
+                piece = min(n - at, len(_ZEROES))
+                out[at : at + piece] = _ZEROES[:piece]
             return
         if e.offset is None:  # compressed: only QEMU can read it
             if self._nbd is None:

@@ -234,8 +234,10 @@ class LocalPool(StoragePool):
         with contextlib.ExitStack() as stack:
             meta = stack.enter_context(self.locked(name))
             path = str(self.layer_path(name, meta.head))
-            if meta.snapshots or len(meta.layers) != 1 or any(
-                e.data for e in qemu_img.map_extents(path, "qcow2")
+            if (
+                meta.snapshots
+                or len(meta.layers) != 1
+                or any(e.data for e in qemu_img.map_extents(path, "qcow2"))
             ):
                 raise Conflict(f"volume {self.name}/{name} is not new and empty")
             handle = fresh.FreshQcow2(path, meta.size)
