@@ -117,3 +117,29 @@ def test_pool_refuses_the_fast_path_on_a_volume_with_data(tmp_path: Path) -> Non
         h.write(2 * MIB, b"x" * 65536)
     with pool.open("new", read_only=True) as h:
         assert h.read(2 * MIB - 1, 65538) == b"\0" + b"x" * 65536 + b"\0"
+
+
+def test_buffers_are_written_from_where_they_are_and_the_reserve_is_cut_off(
+    tmp_path: Path,
+) -> None:
+    """A restore worker's page-aligned buffer goes to the file as it is (O_DIRECT);
+    other views are copied first; space reserved ahead of the data does not stay."""
+    from snapback.drivers.buffers import ThreadBuffers
+
+    size = 1 << 30
+    path = new_file(tmp_path, size)
+    handle = FreshQcow2(str(path), size)
+    aligned = ThreadBuffers(4 * MIB).get()
+    aligned[:] = random.Random(5).randbytes(4 * MIB)
+    handle.write_view(8 * MIB, aligned[64 << 10 : 2 * MIB])  # aligned memory, whole clusters
+    handle.write_view(900 * MIB + 3, memoryview(b"odd" * 1000))  # read-only, unaligned
+    handle.close()
+    assert path.stat().st_size < 3 * MIB  # header, 2 MiB and a bit, the tables
+    assert path.stat().st_blocks * 512 < 3 * MIB
+    nbd = NbdHandle(str(path), read_only=True)
+    try:
+        assert nbd.read(8 * MIB, 2 * MIB - (64 << 10)) == bytes(aligned[64 << 10 : 2 * MIB])
+        assert nbd.read(900 * MIB, 3003) == b"\0\0\0" + b"odd" * 1000
+        assert nbd.read(0, 8 * MIB) == bytes(8 * MIB)
+    finally:
+        nbd.close()

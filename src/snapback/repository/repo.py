@@ -147,7 +147,7 @@ class Repository:
         raise last or RepositoryError(f"{backend.url} is encrypted but has no key file")
 
     # -- chunks ----------------------------------------------------------------------
-    def chunk_id(self, data: bytes | bytearray) -> str:
+    def chunk_id(self, data: bytes | bytearray | memoryview) -> str:
         return self.sealer.content_id(data)
 
     def put_chunk(
@@ -169,6 +169,16 @@ class Repository:
     def get_chunk(self, chunk_id: str) -> bytes:
         key = chunk_key(chunk_id)
         data = self.sealer.open(CHUNK, key, self.backend.get(key), max_plain=self.config.chunk_size)
+        if self.chunk_id(data) != chunk_id:
+            raise DamagedObject(f"chunk {chunk_id} does not hold the data its name says")
+        return data
+
+    def get_chunk_into(self, chunk_id: str, out: memoryview) -> memoryview:
+        """``get_chunk`` into the caller's buffer (at least a chunk long); the filled part."""
+        key = chunk_key(chunk_id)
+        data = self.sealer.open_into(
+            CHUNK, key, self.backend.get(key), out[: self.config.chunk_size]
+        )
         if self.chunk_id(data) != chunk_id:
             raise DamagedObject(f"chunk {chunk_id} does not hold the data its name says")
         return data

@@ -130,7 +130,7 @@ class Sealer:
             c = self._local.c = zstandard.ZstdCompressor(compression_params=params)
         return c
 
-    def content_id(self, plain: bytes | bytearray) -> str:
+    def content_id(self, plain: bytes | bytearray | memoryview) -> str:
         key = self.keys.id_key if self.keys else b""
         if self.id_hash == "blake3":
             return blake3(plain, key=key).hexdigest() if key else blake3(plain).hexdigest()
@@ -153,7 +153,9 @@ class Sealer:
         nonce = os.urandom(NONCE)
         return header + nonce + self._aead.encrypt(nonce, payload, header + name.encode())
 
-    def open(self, kind: int, name: str, blob: bytes, *, max_plain: int = MAX_PLAIN) -> bytes:
+    def _unwrap(self, kind: int, name: str, blob: bytes, max_plain: int) -> tuple[int, int, bytes]:
+        """Check the header and, when encrypted, authenticate and decrypt: (flags, declared
+        plaintext length, payload)."""
         if len(blob) < HEADER.size:
             raise DamagedObject(f"object {name} is truncated ({len(blob)} bytes)")
         header = blob[: HEADER.size]
@@ -174,15 +176,42 @@ class Sealer:
                 raise DamagedObject(
                     f"object {name} fails authentication (altered or moved)"
                 ) from exc
-        if flags & FLAG_ZSTD:
-            plain = _bounded_decompress(name, payload, length)
-            if len(plain) != length:
-                raise DamagedObject(
-                    f"object {name} holds {len(plain)} bytes, its header says {length}"
-                )
-        else:
-            plain = payload
+        return flags, length, payload
+
+    def open(self, kind: int, name: str, blob: bytes, *, max_plain: int = MAX_PLAIN) -> bytes:
+        flags, length, payload = self._unwrap(kind, name, blob, max_plain)
+        if not flags & FLAG_ZSTD:
+            return payload
+        plain = _bounded_decompress(name, payload, length)
+        if len(plain) != length:
+            raise DamagedObject(f"object {name} holds {len(plain)} bytes, its header says {length}")
         return plain
+
+    def open_into(self, kind: int, name: str, blob: bytes, out: memoryview) -> memoryview:
+        """``open`` into the caller's buffer (no fresh memory per object: a restore
+        reuses one buffer per worker); the filled part of ``out``."""
+        flags, length, payload = self._unwrap(kind, name, blob, len(out))
+        if not flags & FLAG_ZSTD:
+            if len(payload) != length:
+                raise DamagedObject(f"object {name} holds {len(payload)} bytes, says {length}")
+            out[:length] = payload
+            return out[:length]
+        got = 0
+        try:
+            with zstandard.ZstdDecompressor().stream_reader(
+                payload, read_across_frames=True
+            ) as reader:
+                while got < length:
+                    n = reader.readinto(out[got:length])
+                    if not n:
+                        break
+                    got += n
+                extra = reader.read(1)  # the buffer caps the output: a bomb ends here
+        except zstandard.ZstdError as exc:
+            raise DamagedObject(f"object {name} does not decompress: {exc}") from exc
+        if got != length or extra:
+            raise DamagedObject(f"object {name} does not hold the {length} bytes its header says")
+        return out[:length]
 
 
 def _bounded_decompress(name: str, payload: bytes, length: int) -> bytes:

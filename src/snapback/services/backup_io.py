@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import TypeVar
 
 from snapback.domain.models import Progress
+from snapback.drivers.buffers import ThreadBuffers, is_zero
 from snapback.drivers.storage.base import BlockHandle, ProgressFn
 from snapback.repository.repo import Repository
 
@@ -26,7 +27,6 @@ from snapback.repository.repo import Repository
 WORKERS = max(4, min(8, 2 * (os.cpu_count() or 2)))
 IN_FLIGHT = 2 * WORKERS
 SPARSE_BLOCK = 64 << 10
-_ZERO_BLOCK = bytes(SPARSE_BLOCK)
 T = TypeVar("T")
 
 
@@ -48,26 +48,14 @@ class StoreStats:
         }
 
 
-_zero_chunks: dict[int, bytes] = {}
-
-
-def is_zero(data: bytes | bytearray) -> bool:
-    """One memcmp against a zero buffer of the same length (comparing memoryviews is
-    20 times slower, and holds the GIL)."""
-    zero = _zero_chunks.get(len(data))
-    if zero is None:
-        zero = _zero_chunks.setdefault(len(data), bytes(len(data)))
-    return data == zero
-
-
-def data_runs(data: bytes, block: int = SPARSE_BLOCK) -> list[tuple[int, int]]:
+def data_runs(data: memoryview, block: int = SPARSE_BLOCK) -> list[tuple[int, int]]:
     """(offset, length) runs of ``data`` that are not all zero, in ``block`` steps."""
     runs: list[tuple[int, int]] = []
     if is_zero(data):
         return runs
     for off in range(0, len(data), block):
         piece = data[off : off + block]
-        if piece == _ZERO_BLOCK[: len(piece)]:
+        if is_zero(piece):
             continue
         if runs and runs[-1][0] + runs[-1][1] == off:
             runs[-1] = (runs[-1][0], runs[-1][1] + len(piece))
@@ -178,19 +166,19 @@ def restore_chunks(
 ) -> None:
     """Fetch, check and write each (position, chunk id); zero runs stay holes.
 
-    Fetching and checking run on the pool; writes too when the handle takes them
-    from several threads (qemu-nbd then works on several at once), else through
-    one lock."""
+    Fetching and checking run on the pool, each worker decompressing into its own
+    page-aligned buffer; writes too when the handle takes them from several threads
+    (qemu-nbd then works on several at once), else through one lock. The fresh
+    qcow2 writes straight from the worker's buffer, other handles take a copy."""
     write_lock = threading.Lock() if not handle.parallel_writes else contextlib.nullcontext()
+    buffers = ThreadBuffers(chunk)
 
     def work(n: int, cid: str) -> None:
-        data = repo.get_chunk(cid)
+        data = repo.get_chunk_into(cid, buffers.get())
         runs = data_runs(data)
-        view = memoryview(data)
         with write_lock:
             for off, length in runs:
-                whole = length == len(data)  # the usual case: no copy
-                handle.write(n * chunk + off, data if whole else view[off : off + length].tobytes())
+                handle.write_view(n * chunk + off, data[off : off + length])
 
     def report(done: int) -> None:
         if progress is not None:

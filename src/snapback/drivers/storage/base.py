@@ -86,6 +86,11 @@ class BlockHandle(abc.ABC):
     @abc.abstractmethod
     def write(self, offset: int, data: bytes) -> None: ...
 
+    def write_view(self, offset: int, data: memoryview) -> None:
+        """``write`` from a buffer the caller reuses once this returns (a handle that
+        can, writes straight from it)."""
+        self.write(offset, data.tobytes())
+
     @abc.abstractmethod
     def close(self) -> None: ...
 

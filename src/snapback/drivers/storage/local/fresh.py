@@ -19,6 +19,7 @@ the guest's 512 MiB regions that were written to, as in QEMU's own L2 tables.
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import mmap
 import os
@@ -28,6 +29,7 @@ from array import array
 from math import ceil
 
 from snapback.domain.errors import StorageError
+from snapback.drivers.buffers import address
 from snapback.drivers.imagefmt import qemu_img
 from snapback.drivers.storage.base import BlockHandle
 
@@ -37,6 +39,10 @@ L2_ENTRIES = CLUSTER // 8  # 8192 entries: one L2 table maps 512 MiB
 REFS_PER_BLOCK = CLUSTER // 2  # 16-bit refcounts
 COPIED = 1 << 63  # L1/L2 flag: the cluster's refcount is exactly one
 ALIGN = 4096  # O_DIRECT: offset, length and buffer address
+RESERVE = 4096  # clusters (256 MiB) allocated ahead of the data at a time
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.fallocate.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64)
+_libc.fallocate.restype = ctypes.c_int
 HEADER = struct.Struct(">4sIQIIQIIQQIIQQQQII")  # version 3, 104 bytes
 
 
@@ -50,6 +56,7 @@ class FreshQcow2(BlockHandle):
         self._l1_size = max(1, ceil(size / (CLUSTER * L2_ENTRIES)))
         self._l2: dict[int, array[int]] = {}  # L1 index -> host cluster of each entry, 0 = none
         self._next = 1  # cluster 0 is the header
+        self._reserved = 1  # clusters below this one are allocated in the file
         self._lock = threading.Lock()
         self._local = threading.local()
         flags = os.O_RDWR | os.O_CLOEXEC
@@ -84,11 +91,23 @@ class FreshQcow2(BlockHandle):
                 if host == 0:
                     host = table[g % L2_ENTRIES] = self._next
                     self._next += 1
+                    if self._next > self._reserved:
+                        self._reserve()
                 if runs and runs[-1][1] + runs[-1][2] == host and runs[-1][0] + runs[-1][2] == g:
                     runs[-1] = (runs[-1][0], runs[-1][1], runs[-1][2] + 1)
                 else:
                     runs.append((g, host, 1))
         return runs
+
+    def _reserve(self) -> None:
+        """Allocate the file's next ``RESERVE`` clusters ahead of the data (the caller
+        holds the lock). An O_DIRECT write that must allocate, or that extends the
+        file, takes ext4's inode lock alone: the workers would write one at a time.
+        Into reserved space they write together. ``close`` cuts off what is left.
+        Only a speed-up: a file system that cannot (or a full one) goes on without."""
+        start = self._reserved
+        self._reserved = max(self._next, start + RESERVE)
+        _fallocate(self._fd, start << CLUSTER_BITS, (self._reserved - start) << CLUSTER_BITS)
 
     def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
         if self._closed:
@@ -107,12 +126,18 @@ class FreshQcow2(BlockHandle):
             at = (host << CLUSTER_BITS) + (lo - (g << CLUSTER_BITS))
             self._pwrite(view[lo - offset : hi - offset], at)
 
+    def write_view(self, offset: int, data: memoryview) -> None:
+        self.write(offset, data)
+
     def _pwrite(self, piece: memoryview, at: int) -> None:
         n = len(piece)
         if self._direct is not None and at % ALIGN == 0 and n % ALIGN == 0:
-            buf = self._aligned(n)
-            buf[:n] = piece
-            fd, piece = self._direct, memoryview(buf)[:n]
+            where = address(piece)
+            if where is None or where % ALIGN:  # O_DIRECT wants aligned memory too
+                buf = self._aligned(n)
+                buf[:n] = piece
+                piece = memoryview(buf)[:n]
+            fd = self._direct
         else:
             fd = self._fd
         try:
@@ -210,6 +235,11 @@ class FreshQcow2(BlockHandle):
                 if fd is not None:
                     os.close(fd)
         qemu_img.check(self._path)
+
+
+def _fallocate(fd: int, offset: int, length: int) -> None:
+    """fallocate(2) that may fail (glibc's posix_fallocate would write zeroes instead)."""
+    _libc.fallocate(fd, 0, offset, length)
 
 
 def _write_all(fd: int, data: bytes | memoryview, at: int) -> None:

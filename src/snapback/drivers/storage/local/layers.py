@@ -46,6 +46,9 @@ class LockedHandle(BlockHandle):
     def write(self, offset: int, data: bytes) -> None:
         self._inner.write(offset, data)
 
+    def write_view(self, offset: int, data: memoryview) -> None:
+        self._inner.write_view(offset, data)
+
     def close(self) -> None:
         try:
             self._inner.close()
