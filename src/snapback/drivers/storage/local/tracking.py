@@ -12,15 +12,20 @@ them: tracking is lost there, and the next backup says so and compares hashes.
 
 A bitmap flagged ``in-use`` in a file nobody has open was not stored cleanly
 (QEMU died): it may miss writes, so it counts as lost.
+
+The bitmaps of a layer are read from the file itself (imagefmt/qcow2_bitmaps.py,
+a millisecond instead of a qemu-img and a qemu-nbd per layer); whatever that
+reader does not expect is asked of QEMU instead.
 """
 
 from __future__ import annotations
 
+import struct
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from snapback.domain.errors import ToolFailed
-from snapback.drivers.imagefmt import qemu_img
+from snapback.drivers.imagefmt import qcow2_bitmaps, qemu_img
 from snapback.drivers.storage.local.meta import VolumeMeta
 from snapback.drivers.storage.nbd import dirty_extents
 
@@ -72,17 +77,31 @@ def changes(pool: LocalPool, meta: VolumeMeta, name: str) -> list[tuple[int, int
     first = True
     while layer is not None and layer in meta.layers:
         path = pool.layer_path(meta.name, layer)
-        flags = qemu_img.bitmaps(str(path)).get(name)
+        flags = _bitmaps(path).get(name)
         if flags is None:
             if first:
                 return None
             break
         if "in-use" in flags or (first and "auto" not in flags):
             return None
-        found += dirty_extents(str(path), name)
+        found += _dirty(path, name)
         first = False
         layer = meta.layers[layer]
     return merge(found)
+
+
+def _bitmaps(path: Path) -> dict[str, list[str]]:
+    try:
+        return {n: b.flags for n, b in qcow2_bitmaps.read_bitmaps(str(path)).items()}
+    except (qcow2_bitmaps.Unreadable, UnicodeDecodeError, OSError, struct.error):
+        return qemu_img.bitmaps(str(path))
+
+
+def _dirty(path: Path, name: str) -> list[tuple[int, int]]:
+    try:
+        return qcow2_bitmaps.dirty_ranges(str(path), name)
+    except (qcow2_bitmaps.Unreadable, UnicodeDecodeError, OSError, struct.error):
+        return dirty_extents(str(path), name)
 
 
 def merge(extents: list[tuple[int, int]]) -> list[tuple[int, int]]:
