@@ -5,7 +5,9 @@ marks while the guest runs, restore as a new instance that boots."""
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
+import tempfile
 from pathlib import Path
 
 from snapback.config import load_settings
@@ -83,6 +85,30 @@ def test_stopped_instance_backup_tracks_changes_and_restores_as_an_instance(
     cli("instance", "delete", "copy")
     assert_consistent(ctx)
 
+    # disaster recovery: another host's empty catalogue, the repository alone
+    assert [f["role"] for f in second["boot_files"]] == ["kernel", "ramdisk"]
+    assert cli.json("backup", "verify", second["id"], "--repo", repo, "--read-data")["ok"]
+    dr = Cli(Path(tempfile.mkdtemp(prefix="snapback-dr-", dir="/var/tmp")), cli.env)
+    dr.home.chmod(0o755)
+    try:
+        got = dr.json("backup", "restore", second["id"], "--repo", repo, "--to-instance", "dr",
+                      "--start")  # fmt: skip
+        assert got["image"] is None and "stored with the backup" in got["note"]
+        images = {i["name"]: i for i in dr.json("image", "list")}
+        assert images["dr-kernel"]["disk_format"] == "aki"
+        assert images["dr-ramdisk"]["disk_format"] == "ari"
+        dr_console = Path(dr.json("instance", "show", "dr")["console"])
+        wait_console(dr_console, lambda t: READY_LINE in t and "REC vda" in t)
+        refused = dr("image", "delete", "dr-kernel", check=False)
+        assert refused.returncode != 0 and "instance(s) dr boot" in refused.stderr
+        dr("instance", "delete", "dr")
+        dr("image", "delete", "dr-kernel")
+        assert_consistent(Context(load_settings(dr.home)))
+    finally:
+        for inst in dr.json("instance", "list"):
+            dr("instance", "delete", inst["name"], check=False)
+        shutil.rmtree(dr.home, ignore_errors=True)
+
 
 def test_running_instance_on_local_disks_is_read_through_a_libvirt_backup_job(
     vm_cli: Cli, guest: Path, tmp_path: Path
@@ -137,3 +163,38 @@ def test_running_instance_on_local_disks_is_read_through_a_libvirt_backup_job(
     assert f"START vda {last + 1} " in started and out["status"] == "shutoff"
     cli("instance", "delete", "copy")
     assert_consistent(Context(load_settings(cli.home)))
+
+
+def test_restore_to_instance_killed_at_each_step_leaves_nothing_half_made(
+    vm_cli: Cli, guest: Path, tmp_path: Path
+) -> None:
+    """Into an empty catalogue (the boot files come from the repository too): killed
+    before the instance is defined, gc removes its volumes and boot images."""
+    cli = vm_cli
+    upload_guest(cli, guest, tmp_path)
+    cli("instance", "create", "src", "--image", "tiny", "--no-start")
+    repo = str(tmp_path / "repo")
+    cli("repo", "init", repo)
+    backup = cli.json("backup", "create", "--instance", "src", "--repo", repo)
+    dr = Cli(Path(tempfile.mkdtemp(prefix="snapback-dr-", dir="/var/tmp")), cli.env)
+    dr.home.chmod(0o755)
+    try:
+        for step in ("boot-kernel", "boot-ramdisk", "volume-vda"):
+            crash = {"SNAPBACK_CRASH_AT": f"backup.restore_instance:{step}"}
+            res = dr("backup", "restore", backup["id"], "--repo", repo, "--to-instance", "dr",
+                     check=False, env=crash)  # fmt: skip
+            assert res.returncode == -9, (step, res.stderr)
+            dr("gc")
+            assert dr.json("instance", "list") == [], step
+            assert dr.json("volume", "list") == [], step
+            assert dr.json("image", "list") == [], step  # the boot images went too
+            assert_consistent(Context(load_settings(dr.home)))
+        got = dr.json("backup", "restore", backup["id"], "--repo", repo, "--to-instance", "dr")
+        assert got["status"] == "shutoff" and [d["volume"] for d in got["disks"]] == [
+            "default/dr-root"
+        ]
+        assert export(cli, "src-root", tmp_path / "a") == export(dr, "dr-root", tmp_path / "b")
+    finally:
+        for inst in dr.json("instance", "list"):
+            dr("instance", "delete", inst["name"], check=False)
+        shutil.rmtree(dr.home, ignore_errors=True)

@@ -14,7 +14,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from snapback.domain.errors import CatalogError
 
 MIGRATIONS = Path(__file__).parent / "migrations"
-HEAD_REVISION = "0003"  # the newest file in migrations/versions (a test checks they agree)
+HEAD_REVISION = "0004"  # the newest file in migrations/versions (a test checks they agree)
 
 
 def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:

@@ -157,6 +157,10 @@ class Instance(Base):
     image_id: Mapped[str | None] = mapped_column(ForeignKey("images.id"), nullable=True)
     memory_mib: Mapped[int] = mapped_column(Integer)
     vcpus: Mapped[int] = mapped_column(Integer)
+    # its own boot files (a restore without the base image); None: the image's properties
+    kernel_id: Mapped[str | None] = mapped_column(String(36), nullable=True)
+    ramdisk_id: Mapped[str | None] = mapped_column(String(36), nullable=True)
+    os_command_line: Mapped[str | None] = mapped_column(Text, nullable=True)
     created_at: Mapped[float] = mapped_column(Float, default=time.time)
     updated_at: Mapped[float] = mapped_column(Float, default=time.time, onupdate=time.time)
 

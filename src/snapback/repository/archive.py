@@ -33,7 +33,7 @@ from typing import IO, Any
 
 from snapback.domain.errors import Conflict, InvalidInput, NotFound
 from snapback.repository.maintenance import PROBE
-from snapback.repository.repo import Repository, chunk_key
+from snapback.repository.repo import Repository, chunk_key, record_indexes
 from snapback.repository.sealing import CHUNK, INDEX, MAX_PLAIN, RECORD, DamagedObject
 
 EXPORT_FORMAT, EXPORT_VERSION = "snapback-export", 1
@@ -92,8 +92,11 @@ def open_record(repo: Repository, backup_id: str, blob: bytes) -> dict[str, Any]
     disks = doc.get("disks")
     if not isinstance(disks, list) or not 0 < len(disks) <= MAX_DISKS:
         raise DamagedObject(f"{key} lists no disks (or too many)")
-    for disk in disks:
-        if not isinstance(disk, dict) or not HEX64.fullmatch(str(disk.get("index", ""))):
+    boot = doc.get("boot_files", [])
+    if not isinstance(boot, list) or len(boot) > MAX_DISKS:
+        raise DamagedObject(f"{key} lists its boot files wrongly")
+    for entry in [*disks, *boot]:
+        if not isinstance(entry, dict) or not HEX64.fullmatch(str(entry.get("index", ""))):
             raise DamagedObject(f"{key} names an index that is not a content id")
     return doc
 
@@ -187,8 +190,7 @@ def export_backup(repo: Repository, backup_id: str, path: str | Path) -> ExportR
     record = open_record(repo, backup_id, record_blob)
     indexes: dict[str, bytes] = {}
     chunk_ids: set[str] = set()
-    for disk in record["disks"]:
-        iid = str(disk["index"])
+    for iid in record_indexes(record):
         indexes[iid] = _fetch(repo, f"indexes/{iid}", backup_id)
         chunk_ids |= open_index(repo, iid, indexes[iid])
     header = {

@@ -45,7 +45,7 @@ from snapback.repository.archive import (
     open_record,
     sealed_cap,
 )
-from snapback.repository.repo import Repository
+from snapback.repository.repo import Repository, record_indexes
 from snapback.repository.sealing import MAX_PLAIN, DamagedObject, RepositoryError
 
 READ_LIMIT = sealed_cap(MAX_PLAIN)  # no single read of the file may ask for more
@@ -159,7 +159,7 @@ class _Checker:
             raise self.refuse(f"it holds record {oid}, its header names {self.backup_id}")
         self.record = open_record(self.repo, oid, data)
         self.record_blob = data
-        self.wanted_indexes = {str(d["index"]) for d in self.record["disks"]}
+        self.wanted_indexes = set(record_indexes(self.record))
 
     def on_index(self, oid: str, data: bytes) -> None:
         if oid not in self.wanted_indexes:

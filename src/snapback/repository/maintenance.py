@@ -7,7 +7,7 @@ import secrets
 from dataclasses import dataclass, field
 
 from snapback.domain.errors import NotFound
-from snapback.repository.repo import LOCK_STALE_S, Repository, chunk_key
+from snapback.repository.repo import LOCK_STALE_S, Repository, chunk_key, record_indexes
 from snapback.repository.sealing import DamagedObject
 
 
@@ -30,9 +30,9 @@ def referenced(repo: Repository) -> tuple[set[str], set[str], int]:
     ids = repo.backup_ids()
     for backup_id in ids:
         record = repo.get_record(backup_id)
-        for disk in record["disks"]:
-            indexes.add(disk["index"])
-            chunks.update(c for c in repo.get_index(disk["index"])["chunks"] if c)
+        for index_id in record_indexes(record):
+            indexes.add(index_id)
+            chunks.update(c for c in repo.get_index(index_id)["chunks"] if c)
     return indexes, chunks, len(ids)
 
 
@@ -107,11 +107,11 @@ def check(repo: Repository, *, read_data: bool = False) -> CheckReport:
         except (NotFound, DamagedObject) as exc:
             report.problems.append(f"backup {backup_id}: record unreadable ({exc})")
             continue
-        for disk in record["disks"]:
+        for index_id in record_indexes(record):
             try:
-                index = repo.get_index(disk["index"])
+                index = repo.get_index(index_id)
             except (NotFound, DamagedObject) as exc:
-                report.problems.append(f"index {disk['index']} ({exc}) breaks {backup_id}")
+                report.problems.append(f"index {index_id} ({exc}) breaks {backup_id}")
                 continue
             for cid in {c for c in index["chunks"] if c}:
                 users.setdefault(cid, []).append(backup_id)

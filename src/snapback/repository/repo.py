@@ -320,3 +320,9 @@ class Repository:
                 if now - float(doc.get("at", 0)) < LOCK_STALE_S:
                     found.append(doc)
         return found
+
+
+def record_indexes(record: dict[str, Any]) -> list[str]:
+    """Every index a backup record references: its disks', then its boot files'."""
+    entries = [*record["disks"], *record.get("boot_files", [])]
+    return [str(e["index"]) for e in entries]

@@ -18,6 +18,7 @@ from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import TypeVar
 
+from snapback.domain.errors import InvalidInput
 from snapback.domain.models import Progress
 from snapback.drivers.buffers import ThreadBuffers, is_zero
 from snapback.drivers.storage.base import BlockHandle, ProgressFn
@@ -185,3 +186,39 @@ def restore_chunks(
             progress(Progress(done * chunk, len(wanted) * chunk))
 
     _bounded_map(((n, cid) for n, cid in wanted), work, report)
+
+
+def store_file(repo: Repository, path: str, label: str) -> tuple[str, int]:
+    """A small file (a kernel, a ramdisk) as chunks and an index, as a disk would be;
+    (index id, size). What the repository holds already costs a hash."""
+    chunk = repo.config.chunk_size
+    bad = repo.quarantined()
+    ids: list[str | None] = []
+    size = 0
+    with open(path, "rb") as f:
+        while piece := f.read(chunk):
+            size += len(piece)
+            if is_zero(piece):
+                ids.append(None)
+                continue
+            cid = repo.chunk_id(piece)
+            ids.append(repo.put_chunk(piece, cid, repairs=cid in bad)[0])
+    index = {"disk": label, "size": size, "chunk_size": chunk, "chunks": ids}
+    return repo.put_index(index), size
+
+
+def restore_file(repo: Repository, index_id: str, dest: str, limit: int) -> None:
+    """Write the bytes of a file stored by ``store_file`` into the new file ``dest``
+    (at most ``limit`` bytes: a record is not trusted with the size)."""
+    index = repo.get_index(index_id)
+    size, chunk = int(index["size"]), int(index["chunk_size"])
+    if size > limit:
+        raise InvalidInput(f"{index['disk']} is {size} bytes: over the {limit} allowed")
+    fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    try:
+        for n, cid in enumerate(index["chunks"]):
+            if cid:
+                os.pwrite(fd, repo.get_chunk(cid), n * chunk)
+        os.ftruncate(fd, size)
+    finally:
+        os.close(fd)

@@ -8,7 +8,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from snapback.catalog.models import Image, Instance, Volume
-from snapback.domain.errors import Conflict, InvalidInput
+from snapback.domain.errors import Conflict, InvalidInput, NotFound
+from snapback.domain.models import BootFileFormat, ImageStatus
 from snapback.drivers.hypervisor import snapshot_ops as ops
 from snapback.drivers.hypervisor.libvirt_driver import DomainState
 from snapback.services import journal
@@ -16,6 +17,18 @@ from snapback.services.backup_capture import DiskPlan
 from snapback.services.context import Context
 
 QUIESCE = ("auto", "required", "off")
+BOOT_ROLES = {"kernel_id": "kernel", "ramdisk_id": "ramdisk"}
+
+
+@dataclass(frozen=True)
+class BootFile:
+    """A kernel or ramdisk an instance boots, stored with its backup (restorable
+    without the catalogue that had its image)."""
+
+    role: str  # "kernel" | "ramdisk"
+    image_id: str
+    image_name: str
+    path: str
 
 
 @dataclass
@@ -31,6 +44,7 @@ class Job:
     consistency: str = "stopped"
     hypervisor: Any = field(default=None, repr=False)
     live_local: bool = False  # running on local qcow2: a libvirt backup job reads it
+    boot: list[BootFile] = field(default_factory=list)
 
     @property
     def label(self) -> str:
@@ -112,12 +126,20 @@ def instance_job(ctx: Context, name: str, quiesce: str) -> Job:
             disks.append((d.target, vol))
         roots = {d.target: d.root for d in row.disks}
         img = s.get(Image, row.image_id) if row.image_id else None
-        image = (
+        image: dict[str, Any] | None = (
             {"id": img.id, "name": img.name, "properties": {p.key: p.value for p in img.properties}}
             if img is not None
             else None
         )
         memory, vcpus = row.memory_mib, row.vcpus
+        own = {"kernel_id": row.kernel_id, "ramdisk_id": row.ramdisk_id}
+        if row.kernel_id:
+            boot_refs = {k: v for k, v in own.items() if v}
+            cmdline = row.os_command_line or ""
+        else:
+            props: dict[str, str] = image["properties"] if image else {}
+            boot_refs = {k: props[k] for k in BOOT_ROLES if props.get(k)}
+            cmdline = props.get("os_command_line", "")
     local = [v.name for _, v in disks if ctx.pool(v.pool).tracks_changes_by == "bitmap"]
     if running and local and len(local) != len(disks):
         raise Conflict(
@@ -136,6 +158,7 @@ def instance_job(ctx: Context, name: str, quiesce: str) -> Job:
         "disks": [{"target": t, "volume": v.name, "root": roots[t]} for t, v in disks],
         "domain_xml": hv.xml(inst.domain_name),
         "state": str(state),
+        "cmdline": cmdline,
     }
     return Job(
         kind="instance",
@@ -148,4 +171,24 @@ def instance_job(ctx: Context, name: str, quiesce: str) -> Job:
         instance=definition,
         hypervisor=hv,
         live_local=running and bool(local),
+        boot=_boot_files(ctx, boot_refs),
     )
+
+
+def _boot_files(ctx: Context, refs: dict[str, str]) -> list[BootFile]:
+    """The kernel and ramdisk images ``refs`` name, where they are active."""
+    from snapback.services.images import ImageService, boot_file_path
+
+    found = []
+    for prop, ref in refs.items():
+        try:
+            img = ImageService(ctx).show(ref)
+        except NotFound:
+            continue  # gone: the backup holds the disks, and says so by lacking it
+        if img.status == ImageStatus.ACTIVE and img.disk_format in (
+            BootFileFormat.AKI,
+            BootFileFormat.ARI,
+        ):
+            path = str(boot_file_path(ctx, img.id))
+            found.append(BootFile(BOOT_ROLES[prop], img.id, img.name, path))
+    return found

@@ -4,18 +4,21 @@ snapshot, no catalogue entry of the backup (docs/backups.md, "Restore")."""
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 from snapback.catalog.models import Image
 from snapback.domain.errors import InvalidInput, NotFound
-from snapback.domain.models import ImageStatus, OperationStatus
+from snapback.domain.models import BootFileFormat, ImageStatus, OperationStatus
 from snapback.domain.names import validate_name
+from snapback.drivers.imagefmt.bootfiles import MAX_KERNEL, MAX_RAMDISK
 from snapback.drivers.storage.base import ProgressFn
 from snapback.repository.repo import Repository
 from snapback.services import journal
-from snapback.services.backup_io import restore_chunks
+from snapback.services.backup_io import restore_chunks, restore_file
 from snapback.services.catalog_queries import instance_using, live_volume
 from snapback.services.context import Context
+from snapback.services.instances import BootFiles
 from snapback.services.volumes import VolumeService, purge
 
 RESTORE, RESTORE_INSTANCE = "backup.restore", "backup.restore_instance"
@@ -84,6 +87,13 @@ def restore_instance(
     image_id, note = _base_image(ctx, defn)
     volumes: list[dict[str, Any]] = []
     with journal.operation(ctx, RESTORE_INSTANCE, name, backup=backup_id) as op:
+        boot = None if image_id else _restore_boot(ctx, repo, record, name, op)
+        if boot is not None:
+            note = (
+                "the base image is not in this catalogue: the instance boots the kernel "
+                f"{'and ramdisk ' if boot.ramdisk_id else ''}stored with the backup "
+                f"(images {name}-kernel{f', {name}-ramdisk' if boot.ramdisk_id else ''})"
+            )
         disks: list[tuple[str, str, bool]] = []
         roots = {d["target"]: bool(d.get("root")) for d in defn.get("disks", [])}
         for entry in record["disks"]:
@@ -100,6 +110,7 @@ def restore_instance(
             memory_mib=int(defn.get("memory_mib", 256)),
             vcpus=int(defn.get("vcpus", 1)),
             image_id=image_id,
+            boot=boot,
             start=start,
         )
         op.step("defined", instance_id=view.id)
@@ -111,6 +122,36 @@ def restore_instance(
         "image": image_id,
         "note": note,
     }
+
+
+def _restore_boot(
+    ctx: Context, repo: Repository, record: dict[str, Any], name: str, op: journal.OpHandle
+) -> BootFiles | None:
+    """The kernel (and ramdisk) the record holds, as new images ``NAME-kernel`` and
+    ``NAME-ramdisk``: checked like any upload before QEMU may boot them."""
+    from snapback.services.images import ImageService
+
+    stored = {str(e.get("role")): e for e in record.get("boot_files", []) if isinstance(e, dict)}
+    if "kernel" not in stored:
+        return None
+    made: dict[str, str] = {}
+    for role, fmt, limit in (
+        ("kernel", BootFileFormat.AKI, MAX_KERNEL),
+        ("ramdisk", BootFileFormat.ARI, MAX_RAMDISK),
+    ):
+        if role not in stored:
+            continue
+        staged = ctx.settings.staging / f"{op.id}.{role}"
+        try:
+            restore_file(repo, str(stored[role]["index"]), str(staged), limit)
+            made[role] = ImageService(ctx).create(f"{name}-{role}", str(staged), fmt).id
+        finally:
+            staged.unlink(missing_ok=True)
+        op.step(f"boot-{role}", image_id=made[role])
+    defn = record.get("instance") or {}
+    image_props = (defn.get("image") or {}).get("properties", {})
+    cmdline = str(defn.get("cmdline", image_props.get("os_command_line", "")))
+    return BootFiles(made["kernel"], made.get("ramdisk"), cmdline)
 
 
 def _base_image(ctx: Context, defn: dict[str, Any]) -> tuple[str | None, str | None]:
@@ -152,6 +193,12 @@ def _recover_restore_instance(ctx: Context, op: journal.OperationRecord) -> Oper
         adopted = any(instance_using(s, vol_id) is not None for vol_id in made)
     if op.reached("defined") or adopted:  # killed just after the instance was made
         return OperationStatus.RECOVERED
+    from snapback.services.images import ImageService
+
+    for step in op.steps:  # boot files restored as images for this instance only
+        if step.name.startswith("boot-") and step.data.get("image_id"):
+            with contextlib.suppress(NotFound):
+                ImageService(ctx).delete(str(step.data["image_id"]))
     for step in op.steps:
         if step.name.startswith("volume-") and step.data.get("volume_id"):
             purge(ctx, str(step.data["volume_id"]))

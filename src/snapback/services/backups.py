@@ -23,11 +23,11 @@ from snapback.domain.errors import Conflict, InvalidInput, NotFound
 from snapback.domain.models import OperationStatus, Progress
 from snapback.drivers.hypervisor import snapshot_ops as ops
 from snapback.drivers.storage.base import ProgressFn
-from snapback.repository.repo import Repository, new_backup_id, open_backend
+from snapback.repository.repo import Repository, new_backup_id, open_backend, record_indexes
 from snapback.services import backup_capture as cap
 from snapback.services import backup_catalog, journal
 from snapback.services import backup_restore as restore_mod
-from snapback.services.backup_io import store_chunks
+from snapback.services.backup_io import store_chunks, store_file
 from snapback.services.backup_jobs import Job, instance_job
 from snapback.services.backup_live import Points
 from snapback.services.backup_live import points as backup_points
@@ -154,8 +154,17 @@ class BackupService:
                     disk, got = self._store_disk(repo, plan, points, progress)
                     disks.append(disk)
                     totals = {k: totals[k] + got[k] for k in totals}
+            boot_files = []
+            for boot in job.boot:  # what the instance boots, for a restore elsewhere
+                index_id, size = store_file(repo, boot.path, f"{boot.role} {boot.image_name}")
+                image = {"id": boot.image_id, "name": boot.image_name}
+                boot_files.append(
+                    {"role": boot.role, "index": index_id, "size": size, "image": image}
+                )
             stats: dict[str, Any] = {**totals, "seconds": round(time.monotonic() - started, 3)}
             record = job.record(backup_id, parent, plans, disks, stats)
+            if boot_files:
+                record["boot_files"] = boot_files
             lock_held()  # gc must not have swept while we wrote chunks
             repo.put_record(record)
             op.step("recorded")
@@ -303,14 +312,14 @@ class BackupService:
         repo = self.open_repo(repo_url, passphrase)
         record = repo.get_record(backup_id)
         missing, damaged, checked, total = [], [], 0, 0
-        for disk in record["disks"]:
+        for index_id in record_indexes(record):
             try:
-                index = repo.get_index(disk["index"])
+                index = repo.get_index(index_id)
             except NotFound:
-                missing.append(f"index {disk['index']}")
+                missing.append(f"index {index_id}")
                 continue
             except DamagedObject:
-                damaged.append(f"index {disk['index']}")
+                damaged.append(f"index {index_id}")
                 continue
             ids = sorted({c for c in index["chunks"] if c})
             total += len(ids)

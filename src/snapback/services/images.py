@@ -17,7 +17,7 @@ from pathlib import Path
 
 from sqlalchemy import or_, select
 
-from snapback.catalog.models import Image, ImageProperty, Snapshot, Volume
+from snapback.catalog.models import Image, ImageProperty, Instance, Snapshot, Volume
 from snapback.domain.errors import Conflict, InvalidInput, NotFound
 from snapback.domain.models import (
     IMAGE_FORMATS,
@@ -267,6 +267,12 @@ class ImageService:
         if img.protected:
             raise Conflict(f"image {img.name} is protected; 'image set --unprotected' first")
         if img.volume_id is None:
+            users = self._booting(img.id)
+            if users:
+                raise Conflict(
+                    f"image {img.name} is the {img.disk_format} that instance(s) "
+                    f"{', '.join(users)} boot; delete them first"
+                )
             boot_file_path(self.ctx, img.id).unlink(missing_ok=True)
             self._set_status(img.id, ImageStatus.DELETED)
             return "deleted"
@@ -283,6 +289,27 @@ class ImageService:
 
         release_source_snapshot(self.ctx, img.id)  # the instance disk's snapshot it came from
         return "deleted"
+
+    def _booting(self, image_id: str) -> list[str]:
+        """Live instances that boot this kernel or ramdisk, their own or their image's."""
+        with self.ctx.sessions() as s:
+            own = s.scalars(
+                select(Instance.name).where(
+                    Instance.status != "deleted",
+                    or_(Instance.kernel_id == image_id, Instance.ramdisk_id == image_id),
+                )
+            ).all()
+            through_image = s.scalars(
+                select(Instance.name)
+                .join(ImageProperty, ImageProperty.image_id == Instance.image_id)
+                .where(
+                    Instance.status != "deleted",
+                    Instance.kernel_id.is_(None),
+                    ImageProperty.key.in_(("kernel_id", "ramdisk_id")),
+                    ImageProperty.value == image_id,
+                )
+            ).all()
+        return sorted({*own, *through_image})
 
     def clones(self, ref: str) -> list[str]:
         img = self._find(ref)

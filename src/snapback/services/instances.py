@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import time
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 
 from sqlalchemy import select
@@ -32,6 +33,15 @@ from snapback.services.volumes import VolumeService, purge, volume_lock
 CREATE = "instance.create"
 LIVE = ("building", "active", "shutoff", "error")
 TARGETS = [f"vd{c}" for c in "abcdefghijklmnopqrstuvwxyz"]
+
+
+@dataclass(frozen=True)
+class BootFiles:
+    """An instance's own kernel (and ramdisk) images and command line."""
+
+    kernel_id: str
+    ramdisk_id: str | None
+    cmdline: str
 
 
 class InstanceService:
@@ -106,6 +116,10 @@ class InstanceService:
             if inst.image_id:
                 img = s.get(Image, inst.image_id)
                 props = {p.key: p.value for p in img.properties} if img else {}
+            if inst.kernel_id:  # its own boot files (restored from a backup) come first
+                props = {"kernel_id": inst.kernel_id, "os_command_line": inst.os_command_line or ""}
+                if inst.ramdisk_id:
+                    props["ramdisk_id"] = inst.ramdisk_id
             disks = []
             for d in inst.disks:
                 vol = s.get(Volume, d.volume_id)
@@ -198,10 +212,12 @@ class InstanceService:
         memory_mib: int,
         vcpus: int,
         image_id: str | None,
+        boot: BootFiles | None = None,
         start: bool = False,
     ) -> InstanceView:
         """An instance over existing volumes ((target, volume id, root) each), as a
-        restore makes one; a failure leaves no instance (the volumes are the caller's)."""
+        restore makes one, booting ``boot`` when given, else what its image says; a
+        failure leaves no instance (the volumes are the caller's)."""
         validate_name(name, "instance name")
         with self.ctx.transaction() as s:
             if s.scalars(
@@ -218,6 +234,9 @@ class InstanceService:
                     domain_name=f"snapback-{inst_id[:8]}",
                     memory_mib=memory_mib,
                     vcpus=vcpus,
+                    kernel_id=boot.kernel_id if boot else None,
+                    ramdisk_id=boot.ramdisk_id if boot else None,
+                    os_command_line=boot.cmdline if boot else None,
                 )
             )
             for target, vol_id, root in disks:
