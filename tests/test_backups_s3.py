@@ -27,15 +27,18 @@ MIB = 1 << 20
 
 @pytest.fixture
 def bucket(ceph_s3: CephS3) -> Any:
-    """A fresh bucket (removed afterwards); yields (name, the backend on it)."""
+    """A bucket name nobody uses yet (``repo init`` makes it; removed afterwards);
+    yields (name, a backend on it)."""
     name = f"sb-cli-{uuid.uuid4().hex[:16]}"
     backend = S3Backend(
         ceph_s3.endpoint, name, "repo", access_key=ceph_s3.access_key,
         secret_key=ceph_s3.secret_key,
     )  # fmt: skip
-    assert backend.ensure_bucket() is True
     yield name, backend
-    remove_bucket(backend)
+    if not backend.ensure_bucket():  # it was there: empty it and remove it
+        remove_bucket(backend)
+    else:
+        backend._client.delete_bucket(Bucket=name)
 
 
 def s3_cli(cli: Cli, s3: CephS3) -> Cli:
@@ -60,7 +63,10 @@ def test_backup_restore_verify_on_s3_through_the_cli(
 ) -> None:
     name, backend = bucket
     sb, repo = s3_cli(cli, ceph_s3), url(name, ceph_s3.endpoint)
-    sb("repo", "init", repo, "--encrypt")
+    missing = sb("backup", "list", "--repo", repo, check=False)
+    assert missing.returncode == 6 and f"bucket {name!r} does not exist" in missing.stderr
+    assert "'snapback repo init' creates it" in missing.stderr
+    sb("repo", "init", repo, "--encrypt")  # makes the bucket too
     assert backend.exists("config")
     src = disk(tmp_path)
     first_bytes = src.read_bytes()

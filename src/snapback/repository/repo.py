@@ -81,7 +81,9 @@ class Repository:
         cls, backend: Backend, passphrase: str | None = None, *, keys_from: Repository | None = None
     ) -> Repository:
         """A new repository; ``keys_from``: share that repository's master keys (same
-        content ids, so ``repo sync`` copies objects as they are)."""
+        content ids, so ``repo sync`` copies objects as they are). A missing S3 bucket
+        is created."""
+        backend.prepare()
         if backend.exists("config"):
             raise Conflict(f"{backend.url} already holds a repository")
         doc: dict[str, Any] = {

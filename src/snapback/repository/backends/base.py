@@ -40,6 +40,10 @@ class Backend(abc.ABC):
 
     url: str
 
+    def prepare(self) -> None:
+        """Make the place the objects go (``repo init``): a bucket that is missing."""
+        return None  # a folder is made by its first put
+
     @abc.abstractmethod
     def put(self, key: str, data: bytes, *, overwrite: bool = False) -> bool:
         """Store ``data`` under ``key`` atomically and durably.

@@ -245,7 +245,7 @@ class S3Backend(Backend):
             if code == "NoSuchBucket":
                 return BackendError(
                     f"bucket {self.bucket!r} does not exist at {self.endpoint} ({doing}); "
-                    "create it first (S3Backend.ensure_bucket) or fix the bucket name"
+                    "'snapback repo init' creates it, or fix the bucket name"
                 )
             if code in _CORRUPT_CODES:
                 return BackendError(
@@ -436,6 +436,9 @@ class S3Backend(Backend):
             raise self._error(exc, f"touching {key}") from exc
 
     # -- S3 only ---------------------------------------------------------------
+
+    def prepare(self) -> None:
+        self.ensure_bucket()
 
     def ensure_bucket(self) -> bool:
         """Create the bucket unless it exists; True when this call created it."""
