@@ -139,3 +139,32 @@ def test_bitmap_left_in_use_by_a_killed_writer_is_not_trusted(
     assert nxt["change_tracking"] == "hash-compare" and "not stored cleanly" in nxt["note"]
     assert same_bytes(cli, repo, nxt["id"], "v", tmp_path)
     assert list(qemu_img.bitmaps(str(head(ctx, "v")))) == [f"snapback-{nxt['id']}"]
+
+
+def test_gc_removes_the_tracking_of_backups_the_catalogue_forgot(
+    cli: Cli, repo: str, tmp_path: Path
+) -> None:
+    """A deleted backup's bitmap would be marked by QEMU for ever: gc removes it, and
+    only it; the next backup notices and compares hashes."""
+    src = make_raw(tmp_path / "d.raw", 32 * MIB, {0: os.urandom(2 * MIB)})
+    cli("volume", "import", "v", "--file", str(src))
+    ctx = Context(load_settings(cli.home))
+    first = backup(cli, "v", repo)
+    write(ctx, "v", 8 * MIB, os.urandom(MIB))
+    second = backup(cli, "v", repo)
+    assert list(qemu_img.bitmaps(str(head(ctx, "v")))) == [f"snapback-{second['id']}"]
+    assert cli.json("gc")["debris"] == []  # a known backup's bitmap stays
+    cli("backup", "delete", second["id"], "--repo", repo)
+    shown = cli.json("gc", "--dry-run")["debris"]
+    assert shown == [
+        f"default/v bitmap snapback-{second['id']}: change tracking of a backup this "
+        "catalogue does not know"
+    ]
+    assert list(qemu_img.bitmaps(str(head(ctx, "v")))) == [f"snapback-{second['id']}"]
+    assert cli.json("gc")["debris"] == [f"removed {shown[0]}"]
+    assert qemu_img.bitmaps(str(head(ctx, "v"))) == {}
+    third = backup(cli, "v", repo)  # its parent is the first again, whose bitmap went
+    assert third["parent"] == first["id"] and third["change_tracking"] == "hash-compare"
+    assert same_bytes(cli, repo, third["id"], "v", tmp_path)
+    assert list(qemu_img.bitmaps(str(head(ctx, "v")))) == [f"snapback-{third['id']}"]
+    assert_consistent(ctx)

@@ -171,7 +171,8 @@ class BackupService:
             for plan in plans:
                 cap.finish(self.ctx, plan, backup_id)
             op.step("rotated")
-        backup_catalog.record(self.ctx, repo_url, repo.config.id, record)
+            # still under the volume locks: gc never sees this backup's bitmap unexplained
+            backup_catalog.record(self.ctx, repo_url, repo.config.id, record)
         return record
 
     def _parent(self, repo: Repository, key: str, value: str) -> dict[str, Any] | None:

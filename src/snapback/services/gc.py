@@ -14,7 +14,15 @@ from functools import partial
 
 from sqlalchemy import select
 
-from snapback.catalog.models import Image, ImageProperty, Operation, Snapshot, Volume
+from snapback.catalog.models import (
+    BackupEntry,
+    Image,
+    ImageProperty,
+    Instance,
+    Operation,
+    Snapshot,
+    Volume,
+)
 from snapback.domain.errors import Busy, HasDependents, NotFound, SnapbackError
 from snapback.domain.models import (
     ImageStatus,
@@ -31,6 +39,7 @@ from snapback.services import (
     journal,
     volumes,
 )
+from snapback.services.backup_capture import TRACKER_PREFIX
 from snapback.services.catalog_queries import clones_of, volume_label
 from snapback.services.context import Context
 from snapback.services.image_create_rbd import (
@@ -218,6 +227,39 @@ class GcService:
                     partial(blob.unlink, missing_ok=True),
                 )
 
+    def _orphan_trackers(
+        self, report: GcReport, dry_run: bool, busy: set[str], volumes: list[Volume]
+    ) -> None:
+        """Change tracking of backups this catalogue no longer knows (deleted, pruned,
+        their repository forgotten): QEMU would mark writes in it for ever. Volumes of
+        running instances keep theirs (libvirt's checkpoints: see docs/backups.md)."""
+        with self.ctx.sessions() as s:
+            known = set(s.scalars(select(BackupEntry.backup_id)))
+            running = {
+                d.volume_id
+                for i in s.scalars(select(Instance).where(Instance.status == "active"))
+                for d in i.disks
+            }
+        for vol in volumes:
+            driver = self.ctx.pool(vol.pool)
+            if driver.tracks_changes_by != "bitmap" or vol.id in running:
+                continue
+            try:
+                names = driver.trackers(vol.storage_name)
+            except (Busy, NotFound):
+                continue  # a backup or another operation holds it now
+            for name in names:
+                backup_id = name.removeprefix(TRACKER_PREFIX)
+                if backup_id in known or backup_id in busy:
+                    continue
+                self._orphan(
+                    report,
+                    dry_run,
+                    f"{vol.pool}/{vol.name} bitmap {name}",
+                    "change tracking of a backup this catalogue does not know",
+                    partial(driver.stop_tracking, vol.storage_name, name),
+                )
+
     def _orphans(self, report: GcReport, dry_run: bool) -> None:
         busy = self._in_flight()
         self._orphan_boot_files(report, dry_run, busy)
@@ -233,6 +275,7 @@ class GcService:
                 )
             }
             busy |= {v.id for v in known.values()} & busy
+        self._orphan_trackers(report, dry_run, busy, list(known.values()))
         for pool_name in self.ctx.settings.pools:
             driver = self.ctx.pool(pool_name)
             for storage in driver.list_volumes():

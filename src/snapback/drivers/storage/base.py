@@ -277,6 +277,11 @@ class StoragePool(abc.ABC):
         """Forget the record ``name`` (nothing to do when it is gone)."""
         return None
 
+    def trackers(self, volume: str) -> list[str]:
+        """The records of changes ``volume`` carries now (gc looks for forgotten ones);
+        Busy while another operation holds the volume."""
+        return []
+
     # -- housekeeping ----------------------------------------------------
     @abc.abstractmethod
     def find_debris(self) -> list[Debris]:

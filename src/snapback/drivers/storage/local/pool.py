@@ -264,6 +264,10 @@ class LocalPool(StoragePool):
         with self.locked(volume) as meta:
             tracking.stop(self.layer_path(volume, meta.head), name)
 
+    def trackers(self, volume: str) -> list[str]:
+        with self.locked(volume, timeout=0) as meta:
+            return tracking.names(self.layer_path(volume, meta.head))
+
     def attachment(self, name: str) -> Attachment:
         return Attachment("file", str(self.layer_path(name, self.load(name).head)), "qcow2")
 

@@ -70,6 +70,11 @@ def carry(source: Path, target: Path) -> None:
             qemu_img.bitmap(str(target), name, add=True)
 
 
+def names(head: Path) -> list[str]:
+    """The snapback bitmaps of the head layer."""
+    return sorted(n for n in _bitmaps(head) if n.startswith(PREFIX))
+
+
 def changes(pool: LocalPool, meta: VolumeMeta, name: str) -> list[tuple[int, int]] | None:
     """Union of bitmap ``name`` over the layers carrying it, head first; None if lost."""
     found: list[tuple[int, int]] = []
