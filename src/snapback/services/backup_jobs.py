@@ -132,14 +132,7 @@ def instance_job(ctx: Context, name: str, quiesce: str) -> Job:
             else None
         )
         memory, vcpus = row.memory_mib, row.vcpus
-        own = {"kernel_id": row.kernel_id, "ramdisk_id": row.ramdisk_id}
-        if row.kernel_id:
-            boot_refs = {k: v for k, v in own.items() if v}
-            cmdline = row.os_command_line or ""
-        else:
-            props: dict[str, str] = image["properties"] if image else {}
-            boot_refs = {k: props[k] for k in BOOT_ROLES if props.get(k)}
-            cmdline = props.get("os_command_line", "")
+        boot_refs, cmdline = _boot_refs(row, image)
     local = [v.name for _, v in disks if ctx.pool(v.pool).tracks_changes_by == "bitmap"]
     if running and local and len(local) != len(disks):
         raise Conflict(
@@ -173,6 +166,16 @@ def instance_job(ctx: Context, name: str, quiesce: str) -> Job:
         live_local=running and bool(local),
         boot=_boot_files(ctx, boot_refs),
     )
+
+
+def _boot_refs(row: Instance, image: dict[str, Any] | None) -> tuple[dict[str, str], str]:
+    """The kernel and ramdisk references and command line the instance boots with: its
+    own when a restore gave it some, else its image's properties."""
+    if row.kernel_id:
+        own = {"kernel_id": row.kernel_id, "ramdisk_id": row.ramdisk_id}
+        return {k: v for k, v in own.items() if v}, row.os_command_line or ""
+    props: dict[str, str] = image["properties"] if image else {}
+    return {k: props[k] for k in BOOT_ROLES if props.get(k)}, props.get("os_command_line", "")
 
 
 def _boot_files(ctx: Context, refs: dict[str, str]) -> list[BootFile]:

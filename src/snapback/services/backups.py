@@ -154,13 +154,7 @@ class BackupService:
                     disk, got = self._store_disk(repo, plan, points, progress)
                     disks.append(disk)
                     totals = {k: totals[k] + got[k] for k in totals}
-            boot_files = []
-            for boot in job.boot:  # what the instance boots, for a restore elsewhere
-                index_id, size = store_file(repo, boot.path, f"{boot.role} {boot.image_name}")
-                image = {"id": boot.image_id, "name": boot.image_name}
-                boot_files.append(
-                    {"role": boot.role, "index": index_id, "size": size, "image": image}
-                )
+            boot_files = _store_boot_files(repo, job)
             stats: dict[str, Any] = {**totals, "seconds": round(time.monotonic() - started, 3)}
             record = job.record(backup_id, parent, plans, disks, stats)
             if boot_files:
@@ -339,6 +333,16 @@ class BackupService:
                 if progress is not None:
                     progress(Progress(done, len(ids)))
         return VerifyReport(backup_id, total, checked, missing, damaged)
+
+
+def _store_boot_files(repo: Repository, job: Job) -> list[dict[str, Any]]:
+    """What the instance boots (kernel, ramdisk), for a restore without its images."""
+    stored = []
+    for boot in job.boot:
+        index_id, size = store_file(repo, boot.path, f"{boot.role} {boot.image_name}")
+        image = {"id": boot.image_id, "name": boot.image_name}
+        stored.append({"role": boot.role, "index": index_id, "size": size, "image": image})
+    return stored
 
 
 @journal.recovery(CREATE)
