@@ -237,7 +237,9 @@ class GcService:
             known = set(s.scalars(select(BackupEntry.backup_id)))
             running = {
                 d.volume_id
-                for i in s.scalars(select(Instance).where(Instance.status == "active"))
+                for i in s.scalars(
+                    select(Instance).where(Instance.status.in_(("building", "active", "error")))
+                )
                 for d in i.disks
             }
         for vol in volumes:
