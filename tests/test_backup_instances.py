@@ -162,6 +162,12 @@ def test_running_instance_on_local_disks_is_read_through_a_libvirt_backup_job(
     started = wait_console(copy_console, lambda t: "START vda" in t)
     assert f"START vda {last + 1} " in started and out["status"] == "shutoff"
     cli("instance", "delete", "copy")
+    cli("instance", "delete", "src")  # its domain has checkpoints: they go with it
+    domains = subprocess.run(
+        ["virsh", "-c", "qemu:///system", "list", "--all", "--name"],
+        capture_output=True, text=True, check=True,
+    ).stdout.split()  # fmt: skip
+    assert src["domain"] not in domains
     assert_consistent(Context(load_settings(cli.home)))
 
 

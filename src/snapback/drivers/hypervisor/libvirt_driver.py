@@ -149,7 +149,13 @@ class LibvirtHypervisor:
     def undefine(self, name: str) -> None:
         dom = self.domain(name)
         lv = _libvirt()
-        flags = lv.VIR_DOMAIN_UNDEFINE_MANAGED_SAVE | lv.VIR_DOMAIN_UNDEFINE_NVRAM
+        # a domain that had backups carries libvirt checkpoints: libvirt refuses to
+        # undefine it unless their metadata goes too (the bitmaps stay in the files)
+        flags = (
+            lv.VIR_DOMAIN_UNDEFINE_MANAGED_SAVE
+            | lv.VIR_DOMAIN_UNDEFINE_NVRAM
+            | lv.VIR_DOMAIN_UNDEFINE_CHECKPOINTS_METADATA
+        )
         self.call(f"undefining {name}", dom.undefineFlags, flags)
 
     def state(self, name: str) -> DomainState:
