@@ -238,7 +238,9 @@ class GcService:
             running = {
                 d.volume_id
                 for i in s.scalars(
-                    select(Instance).where(Instance.status.in_(("building", "active", "error")))
+                    select(Instance).where(
+                        Instance.status.in_([x for x in instances.LIVE if x != "shutoff"])
+                    )
                 )
                 for d in i.disks
             }
