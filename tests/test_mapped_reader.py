@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import random
 import subprocess
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -52,6 +53,30 @@ def test_mapped_reads_equal_qemu_reads(chain: Path) -> None:
             assert mapped.read(off, n) == nbd.read(off, n), (off, n)
         assert mapped.read(4 * MIB, 4096) == b"\x02" * 4096  # compressed: through QEMU
         assert mapped.read(21 * MIB, 8) == bytes(8)  # zero cluster over data below
+    finally:
+        mapped.close()
+        nbd.close()
+
+
+def test_mapped_reads_from_many_threads_at_once_equal_qemu_reads(chain: Path) -> None:
+    """A backup's workers read the handle at once (``parallel_reads``); the first
+    reads of compressed clusters race to open the one qemu-nbd export."""
+    mapped = open_read_only(str(chain))
+    nbd = NbdHandle(str(chain), read_only=True)
+    try:
+        assert mapped.parallel_reads
+        want = nbd.read(0, nbd.size)
+        spans = [(i * MIB, 2 * MIB) for i in range(3, 47)] * 2  # 4M: compressed, read often
+
+        def read(span: tuple[int, int]) -> bytes:
+            buf = bytearray(span[1])
+            mapped.read_into(span[0], buf)
+            return bytes(buf)
+
+        with ThreadPoolExecutor(8) as pool:
+            got = list(pool.map(read, spans))
+        for (off, n), data in zip(spans, got, strict=True):
+            assert data == want[off : off + n], off
     finally:
         mapped.close()
         nbd.close()

@@ -17,7 +17,8 @@ import threading
 _ZEROES_LEN = 4 << 20
 _zeroes = ctypes.create_string_buffer(_ZEROES_LEN)  # zero-filled
 _ZEROES_AT = ctypes.addressof(_zeroes)
-_memcmp = ctypes.CDLL(None).memcmp
+LIBC = ctypes.CDLL(None, use_errno=True)  # the one handle on libc (fresh.py: fallocate)
+_memcmp = LIBC.memcmp
 _memcmp.argtypes = (ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t)
 _memcmp.restype = ctypes.c_int
 _zero_bytes: dict[int, bytes] = {}

@@ -153,7 +153,11 @@ class Repository:
         return self.sealer.content_id(data)
 
     def put_chunk(
-        self, data: bytes | bytearray, chunk_id: str | None = None, *, repairs: bool = False
+        self,
+        data: bytes | bytearray | memoryview,
+        chunk_id: str | None = None,
+        *,
+        repairs: bool = False,
     ) -> tuple[str, bool]:
         """Store a chunk once; (id, True when new). ``repairs``: the chunk is in
         quarantine, and storing it again mends the backups that name it."""

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import io
 import json
 import os
 import struct
@@ -140,7 +139,7 @@ class Sealer:
             return hmac.digest(key, plain, "sha256").hex()
         return hashlib.sha256(plain).hexdigest()
 
-    def seal(self, kind: int, name: str, plain: bytes | bytearray) -> bytes:
+    def seal(self, kind: int, name: str, plain: bytes | bytearray | memoryview) -> bytes:
         if len(plain) > MAX_PLAIN:
             raise RepositoryError(f"object {name} is too large ({len(plain)} bytes)")
         payload = self._compressor().compress(plain)
@@ -196,21 +195,7 @@ class Sealer:
                 raise DamagedObject(f"object {name} holds {len(payload)} bytes, says {length}")
             out[:length] = payload
             return out[:length]
-        got = 0
-        try:
-            with zstandard.ZstdDecompressor().stream_reader(
-                payload, read_across_frames=True
-            ) as reader:
-                while got < length:
-                    n = reader.readinto(out[got:length])
-                    if not n:
-                        break
-                    got += n
-                extra = reader.read(1)  # the buffer caps the output: a bomb ends here
-        except zstandard.ZstdError as exc:
-            raise DamagedObject(f"object {name} does not decompress: {exc}") from exc
-        if got != length or extra:
-            raise DamagedObject(f"object {name} does not hold the {length} bytes its header says")
+        _decompress_into(name, payload, out[:length])
         return out[:length]
 
 
@@ -219,7 +204,7 @@ def _bounded_decompress(name: str, payload: bytes, length: int) -> bytes:
 
     A frame that states its size (ours do) is decompressed in one call when that
     size is the declared one (zstd itself fails a frame holding more than it
-    states); any other frame is streamed and cut off past ``length``."""
+    states); any other payload goes into a buffer of the declared size."""
     try:
         stated = zstandard.frame_content_size(payload)
     except zstandard.ZstdError as exc:
@@ -229,16 +214,26 @@ def _bounded_decompress(name: str, payload: bytes, length: int) -> bytes:
             return zstandard.ZstdDecompressor().decompress(payload)
         except zstandard.ZstdError as exc:
             raise DamagedObject(f"object {name} does not decompress: {exc}") from exc
-    out = bytearray()
+    out = bytearray(length)
+    _decompress_into(name, payload, memoryview(out))
+    return bytes(out)
+
+
+def _decompress_into(name: str, payload: bytes, out: memoryview) -> None:
+    """Fill ``out`` exactly from the zstd ``payload``: the buffer caps the output, so a
+    bomb ends at its size, and one byte more must not come."""
+    got, length = 0, len(out)
     try:
-        with zstandard.ZstdDecompressor().stream_reader(io.BytesIO(payload)) as reader:
-            while len(out) <= length:
-                piece = reader.read(min(1 << 20, length + 1 - len(out)))
-                if not piece:
+        with zstandard.ZstdDecompressor().stream_reader(payload, read_across_frames=True) as r:
+            while got < length:
+                n = r.readinto(out[got:])
+                if not n:
                     break
-                out += piece
+                got += n
+            extra = r.read(1)
     except zstandard.ZstdError as exc:
         raise DamagedObject(f"object {name} does not decompress: {exc}") from exc
-    if len(out) > length:
+    if extra:
         raise DamagedObject(f"object {name} decompresses past its declared {length} bytes")
-    return bytes(out)
+    if got != length:
+        raise DamagedObject(f"object {name} does not hold the {length} bytes its header says")

@@ -24,10 +24,9 @@ from typing import Any
 from snapback.catalog.models import Snapshot, Volume
 from snapback.domain.errors import NotFound
 from snapback.domain.models import SnapshotStatus
-from snapback.drivers.storage.base import BlockHandle, StoragePool
+from snapback.drivers.storage.base import TRACKER_PREFIX, BlockHandle, StoragePool
 from snapback.services.context import Context
 
-TRACKER_PREFIX = "snapback-"
 LOST = {
     "snapshot": "the last backup's snapshot is gone",
     "bitmap": "the volume's dirty bitmap for the last backup is missing or was not stored cleanly",

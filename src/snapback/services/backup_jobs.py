@@ -9,7 +9,7 @@ from typing import Any
 
 from snapback.catalog.models import Image, Instance, Volume
 from snapback.domain.errors import Conflict, InvalidInput, NotFound
-from snapback.domain.models import BootFileFormat, ImageStatus
+from snapback.domain.models import BootFileFormat
 from snapback.drivers.hypervisor import snapshot_ops as ops
 from snapback.drivers.hypervisor.libvirt_driver import DomainState
 from snapback.services import journal
@@ -18,6 +18,7 @@ from snapback.services.context import Context
 
 QUIESCE = ("auto", "required", "off")
 BOOT_ROLES = {"kernel_id": "kernel", "ramdisk_id": "ramdisk"}
+BOOT_FORMATS = {"kernel_id": BootFileFormat.AKI, "ramdisk_id": BootFileFormat.ARI}
 
 
 @dataclass(frozen=True)
@@ -180,18 +181,13 @@ def _boot_refs(row: Instance, image: dict[str, Any] | None) -> tuple[dict[str, s
 
 def _boot_files(ctx: Context, refs: dict[str, str]) -> list[BootFile]:
     """The kernel and ramdisk images ``refs`` name, where they are active."""
-    from snapback.services.images import ImageService, boot_file_path
+    from snapback.services.images import ImageService
 
     found = []
     for prop, ref in refs.items():
         try:
-            img = ImageService(ctx).show(ref)
-        except NotFound:
+            img, path = ImageService(ctx).boot_file(ref, BOOT_FORMATS[prop])
+        except (NotFound, InvalidInput):
             continue  # gone: the backup holds the disks, and says so by lacking it
-        if img.status == ImageStatus.ACTIVE and img.disk_format in (
-            BootFileFormat.AKI,
-            BootFileFormat.ARI,
-        ):
-            path = str(boot_file_path(ctx, img.id))
-            found.append(BootFile(BOOT_ROLES[prop], img.id, img.name, path))
+        found.append(BootFile(BOOT_ROLES[prop], img.id, img.name, str(path)))
     return found

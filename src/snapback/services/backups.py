@@ -22,7 +22,7 @@ from typing import Any
 from snapback.domain.errors import Conflict, InvalidInput, NotFound
 from snapback.domain.models import OperationStatus, Progress
 from snapback.drivers.hypervisor import snapshot_ops as ops
-from snapback.drivers.storage.base import ProgressFn
+from snapback.drivers.storage.base import TRACKER_PREFIX, ProgressFn
 from snapback.repository.repo import Repository, new_backup_id, open_backend, record_indexes
 from snapback.services import backup_capture as cap
 from snapback.services import backup_catalog, journal
@@ -355,7 +355,7 @@ def _recover_create(ctx: Context, op: journal.OperationRecord) -> OperationStatu
         from snapback.drivers.hypervisor.backup_job import end_job, job_dir
 
         end_job(ctx.hypervisor, str(domain))  # a pull-mode job outlives its reader
-        tracker = cap.TRACKER_PREFIX + str(op.payload["backup"])
+        tracker = TRACKER_PREFIX + str(op.payload["backup"])
         shutil.rmtree(job_dir(ctx.settings.work, tracker), ignore_errors=True)
         if op.reached("frozen") and not op.reached("thawed"):
             ops.thaw_quietly(ctx.hypervisor, str(domain), ops.THAW_WAIT_S)

@@ -30,6 +30,7 @@ from snapback.domain.models import (
     SnapshotStatus,
     VolumeStatus,
 )
+from snapback.drivers.storage.base import TRACKER_PREFIX
 from snapback.services import (
     backup_restore,
     backups,
@@ -39,7 +40,6 @@ from snapback.services import (
     journal,
     volumes,
 )
-from snapback.services.backup_capture import TRACKER_PREFIX
 from snapback.services.catalog_queries import clones_of, volume_label
 from snapback.services.context import Context
 from snapback.services.image_create_rbd import (

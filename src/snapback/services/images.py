@@ -105,6 +105,14 @@ class ImageService:
     def show(self, ref: str) -> ImageView:
         return self._view(self._find(ref).id)
 
+    def boot_file(self, ref: str, fmt: BootFileFormat) -> tuple[ImageView, Path]:
+        """The active ``fmt`` (aki, ari) image ``ref`` names and where its file lies;
+        NotFound when there is none, InvalidInput when it is not one such."""
+        img = self.show(ref)
+        if img.status != ImageStatus.ACTIVE or img.disk_format != fmt:
+            raise InvalidInput(f"image {ref} is not an active {fmt} image")
+        return img, boot_file_path(self.ctx, img.id)
+
     def list_images(self, *, all_statuses: bool = False) -> list[ImageView]:
         with self.ctx.sessions() as s:
             q = select(Image.id).order_by(Image.name, Image.created_at)

@@ -26,7 +26,7 @@ from snapback.drivers.hypervisor.libvirt_driver import DomainState
 from snapback.services import journal
 from snapback.services.catalog_queries import live_volume
 from snapback.services.context import Context
-from snapback.services.images import BASE_SNAPSHOT, ImageService, boot_file_path
+from snapback.services.images import BASE_SNAPSHOT, ImageService
 from snapback.services.views import InstanceView
 from snapback.services.volumes import VolumeService, purge, volume_lock
 
@@ -102,10 +102,7 @@ class InstanceService:
 
     # -- domain definition -------------------------------------------------
     def _boot_file(self, image_ref: str, fmt: BootFileFormat) -> str:
-        img = self.images.show(image_ref)
-        if img.status != ImageStatus.ACTIVE or img.disk_format != fmt:
-            raise InvalidInput(f"image {image_ref} is not an active {fmt} image")
-        return str(boot_file_path(self.ctx, img.id))
+        return str(self.images.boot_file(image_ref, fmt)[1])
 
     def spec(self, inst_id: str) -> DomainSpec:
         """The domain as the catalogue says it should be, with the volumes' current files."""

@@ -22,6 +22,10 @@ from snapback.domain.errors import InvalidInput, NotFound
 from snapback.domain.models import DiskFormat, ParentRef, Progress, SnapshotInfo, VolumeInfo
 from snapback.drivers.imagefmt.inspector import InspectedImage
 
+# Change trackers (qcow2 dirty bitmaps) that backups own are named this plus the
+# backup's id; a pool lists and sweeps only those.
+TRACKER_PREFIX = "snapback-"
+
 ProgressFn = Callable[[Progress], None]
 
 
@@ -71,6 +75,7 @@ class BlockHandle(abc.ABC):
     """Byte access to a volume or a snapshot (read-only for a snapshot)."""
 
     parallel_writes = False  # True: write() may be called from several threads at once
+    parallel_reads = False  # True: read() and read_into() may be, too
 
     @property
     @abc.abstractmethod
@@ -79,7 +84,7 @@ class BlockHandle(abc.ABC):
     @abc.abstractmethod
     def read(self, offset: int, length: int) -> bytes: ...
 
-    def read_into(self, offset: int, buf: bytearray) -> None:
+    def read_into(self, offset: int, buf: bytearray | memoryview) -> None:
         """Fill ``buf`` from ``offset`` (a handle that can, reads straight into it)."""
         buf[:] = self.read(offset, len(buf))
 

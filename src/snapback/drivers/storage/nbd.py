@@ -26,6 +26,7 @@ def _nbd() -> Any:
 
 class NbdHandle(BlockHandle):
     parallel_writes = True  # libnbd handles are thread-safe; qemu-nbd serves requests at once
+    parallel_reads = True
 
     def __init__(self, path: str, *, read_only: bool) -> None:
         nbd = _nbd()

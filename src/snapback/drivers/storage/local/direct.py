@@ -19,6 +19,7 @@ from __future__ import annotations
 import bisect
 import contextlib
 import os
+import threading
 from typing import Any
 
 from snapback.domain.errors import StorageError
@@ -43,6 +44,8 @@ def open_read_only(path: str) -> BlockHandle:
 
 
 class MappedReader(BlockHandle):
+    parallel_reads = True  # preadv on shared descriptors; the map is not changed after open
+
     def __init__(self, path: str, chain: list[dict[str, Any]]) -> None:
         self._path = path
         self._size = int(chain[0]["virtual-size"])
@@ -50,6 +53,7 @@ class MappedReader(BlockHandle):
         self._starts = [e.start for e in self._extents]
         self._fds: list[int] = []
         self._nbd: NbdHandle | None = None
+        self._nbd_lock = threading.Lock()
         try:
             for row in chain:
                 self._fds.append(os.open(str(row["filename"]), os.O_RDONLY | os.O_CLOEXEC))
@@ -66,7 +70,7 @@ class MappedReader(BlockHandle):
         self.read_into(offset, buf)
         return bytes(buf)
 
-    def read_into(self, offset: int, buf: bytearray) -> None:
+    def read_into(self, offset: int, buf: bytearray | memoryview) -> None:
         """Fill ``buf`` piece by piece: ``preadv`` straight into it for data, zeroes
         for holes, QEMU for compressed clusters."""
         length = len(buf)
@@ -95,8 +99,9 @@ class MappedReader(BlockHandle):
                 out[at : at + piece] = _ZEROES[:piece]
             return
         if e.offset is None:  # compressed: only QEMU can read it
-            if self._nbd is None:
-                self._nbd = NbdHandle(self._path, read_only=True)
+            with self._nbd_lock:
+                if self._nbd is None:
+                    self._nbd = NbdHandle(self._path, read_only=True)
             out[:] = self._nbd.read(pos, n)
             return
         if e.depth >= len(self._fds):

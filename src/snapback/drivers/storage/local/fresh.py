@@ -29,7 +29,7 @@ from array import array
 from math import ceil
 
 from snapback.domain.errors import StorageError
-from snapback.drivers.buffers import address
+from snapback.drivers.buffers import LIBC, address
 from snapback.drivers.imagefmt import qemu_img
 from snapback.drivers.storage.base import BlockHandle
 
@@ -40,9 +40,9 @@ REFS_PER_BLOCK = CLUSTER // 2  # 16-bit refcounts
 COPIED = 1 << 63  # L1/L2 flag: the cluster's refcount is exactly one
 ALIGN = 4096  # O_DIRECT: offset, length and buffer address
 RESERVE = 4096  # clusters (256 MiB) allocated ahead of the data at a time
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.fallocate.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64)
-_libc.fallocate.restype = ctypes.c_int
+_c_fallocate = LIBC.fallocate
+_c_fallocate.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64)
+_c_fallocate.restype = ctypes.c_int
 HEADER = struct.Struct(">4sIQIIQIIQQIIQQQQII")  # version 3, 104 bytes
 
 
@@ -239,7 +239,7 @@ class FreshQcow2(BlockHandle):
 
 def _fallocate(fd: int, offset: int, length: int) -> None:
     """fallocate(2) that may fail (glibc's posix_fallocate would write zeroes instead)."""
-    _libc.fallocate(fd, 0, offset, length)
+    _c_fallocate(fd, 0, offset, length)
 
 
 def _write_all(fd: int, data: bytes | memoryview, at: int) -> None:

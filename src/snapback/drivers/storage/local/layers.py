@@ -32,6 +32,7 @@ class LockedHandle(BlockHandle):
     def __init__(self, inner: BlockHandle, stack: contextlib.ExitStack) -> None:
         self._inner, self._stack = inner, stack
         self.parallel_writes = inner.parallel_writes
+        self.parallel_reads = inner.parallel_reads
 
     @property
     def size(self) -> int:
@@ -40,7 +41,7 @@ class LockedHandle(BlockHandle):
     def read(self, offset: int, length: int) -> bytes:
         return self._inner.read(offset, length)
 
-    def read_into(self, offset: int, buf: bytearray) -> None:
+    def read_into(self, offset: int, buf: bytearray | memoryview) -> None:
         self._inner.read_into(offset, buf)
 
     def write(self, offset: int, data: bytes) -> None:

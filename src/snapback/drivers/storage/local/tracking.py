@@ -26,13 +26,12 @@ from typing import TYPE_CHECKING
 
 from snapback.domain.errors import ToolFailed
 from snapback.drivers.imagefmt import qcow2_bitmaps, qemu_img
+from snapback.drivers.storage.base import TRACKER_PREFIX
 from snapback.drivers.storage.local.meta import VolumeMeta
 from snapback.drivers.storage.nbd import dirty_extents
 
 if TYPE_CHECKING:
     from snapback.drivers.storage.local.pool import LocalPool
-
-PREFIX = "snapback-"
 
 
 def start(head: Path, name: str) -> None:
@@ -60,7 +59,7 @@ def carry(source: Path, target: Path) -> None:
     ours = [
         name
         for name, flags in qemu_img.bitmaps(str(source)).items()
-        if name.startswith(PREFIX) and "in-use" not in flags
+        if name.startswith(TRACKER_PREFIX) and "in-use" not in flags
     ]
     if not ours:  # the usual case: one qemu-img info, nothing more
         return
@@ -72,7 +71,7 @@ def carry(source: Path, target: Path) -> None:
 
 def names(head: Path) -> list[str]:
     """The snapback bitmaps of the head layer."""
-    return sorted(n for n in _bitmaps(head) if n.startswith(PREFIX))
+    return sorted(n for n in _bitmaps(head) if n.startswith(TRACKER_PREFIX))
 
 
 def changes(pool: LocalPool, meta: VolumeMeta, name: str) -> list[tuple[int, int]] | None:
