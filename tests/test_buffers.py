@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from snapback.drivers.buffers import ThreadBuffers, address, is_zero
+from snapback.drivers.buffers import BufferPool, address, is_zero, shared_pool
 
 
 @pytest.mark.parametrize("size", [1, 4095, 64 << 10, 4 << 20, (4 << 20) + 3, 9 << 20])
@@ -21,10 +21,19 @@ def test_is_zero_finds_any_non_zero_byte_in_every_kind_of_buffer(size: int) -> N
         view[at] = 0
 
 
-def test_thread_buffers_are_page_aligned_writable_and_reused() -> None:
-    bufs = ThreadBuffers(4 << 20)
-    view = bufs.get()
-    at = address(view)
-    assert at is not None and at % 4096 == 0 and len(view) == 4 << 20
-    assert bufs.get() is view  # the same thread gets its buffer again
+def test_pooled_buffers_are_page_aligned_writable_reused_and_bounded() -> None:
+    pool = BufferPool(4 << 20, keep=2)
+    with pool.lend() as view:
+        at = address(view)
+        assert at is not None and at % 4096 == 0 and len(view) == 4 << 20
+        with pool.lend() as other:
+            assert other is not view  # lent out: never to two at once
+    with pool.lend() as again:
+        assert again is view or again is other  # given back, lent again
+    many = [pool.take() for _ in range(5)]
+    assert len({id(v) for v in many}) == 5
+    for v in many:
+        pool.give(v)
+    assert len([pool.take() for _ in range(2)]) == 2 and not pool._free  # keeps 2
+    assert shared_pool(1 << 20, 3) is shared_pool(1 << 20, 1)
     assert address(memoryview(b"read-only")) is None

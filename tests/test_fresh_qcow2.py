@@ -124,12 +124,12 @@ def test_buffers_are_written_from_where_they_are_and_the_reserve_is_cut_off(
 ) -> None:
     """A restore worker's page-aligned buffer goes to the file as it is (O_DIRECT);
     other views are copied first; space reserved ahead of the data does not stay."""
-    from snapback.drivers.buffers import ThreadBuffers
+    from snapback.drivers.buffers import BufferPool
 
     size = 1 << 30
     path = new_file(tmp_path, size)
     handle = FreshQcow2(str(path), size)
-    aligned = ThreadBuffers(4 * MIB).get()
+    aligned = BufferPool(4 * MIB, keep=1).take()
     aligned[:] = random.Random(5).randbytes(4 * MIB)
     handle.write_view(8 * MIB, aligned[64 << 10 : 2 * MIB])  # aligned memory, whole clusters
     handle.write_view(900 * MIB + 3, memoryview(b"odd" * 1000))  # read-only, unaligned
