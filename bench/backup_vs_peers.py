@@ -37,7 +37,11 @@ a fresh volume and a fresh copy of the raw file; the table shows medians.
    waited-for children in) on disks of disk/8, disk and --thin-size; and of the
    peers' full backups. Flat: RSS at disk over RSS at disk/8 <= 1.25.
 
-The page cache is warm for every tool (the disk is read before the runs).
+The page cache is warm for every tool: each source file (the volume's qcow2
+layers, the peers' raw file) is read through before each timed backup. Without
+that, snapback's volume, imported with O_DIRECT and rewritten through qemu-nbd
+with cache=none, would be read from the disk while the peers' file, copied and
+rewritten through the page cache, would not.
 restic and borg are installed with apt-get when missing. Everything lives
 in a temporary folder under /var/tmp, removed at the end. Run as root:
 
@@ -135,6 +139,14 @@ def du(path: Path) -> int:
     return int(out.stdout.split()[0])
 
 
+def warm(*paths: Path) -> None:
+    """Read files through, so that the next reader finds them in the page cache."""
+    for path in paths:
+        with open(path, "rb", buffering=0) as f:
+            while f.read(8 * MIB):
+                pass
+
+
 def sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -229,6 +241,10 @@ class Snapback:
         dest.unlink()
         return digest
 
+    def warm(self, name: str) -> None:
+        folder = self.ctx.settings.home / "pools" / "default" / self.storage(name)
+        warm(*sorted(folder.glob("*.qcow2")))
+
     def cli_backup(self, name: str, repo: Path) -> int:
         """Peak RSS (KiB) of a CLI ``backup create`` (fresh process)."""
         env = {"SNAPBACK_HOME": str(self.home), "PYTHONPATH": SRC}
@@ -284,19 +300,23 @@ def one_run(
     # 1. full backups
     sb_repo, borg_repo, restic_repo = d / "snapback-repo", d / "borg-repo", d / "restic-repo"
     sb.init_repo(sb_repo)
+    sb.warm(vol)
     out["sb_full_s"], full = sb.backup(vol, sb_repo)
     out["sb_repo_bytes"] = du(sb_repo)
     if i == 0:
         sb.volumes.import_file(vol_q, str(qcow2), DiskFormat.QCOW2)
         q_repo = d / "snapback-repo-q"
         sb.init_repo(q_repo)
+        sb.warm(vol_q)
         out["sb_full_qcow2_s"], _ = sb.backup(vol_q, q_repo)
         sb.volumes.delete(vol_q)
         shutil.rmtree(q_repo)
     run(["borg", "init", "-e", "none", str(borg_repo)], env)
+    warm(peer_file)
     out["borg_full_s"], out["borg_full_rss_kib"] = borg_create(borg_repo, "full", peer_file, env)
     out["borg_repo_bytes"] = du(borg_repo)
     run(["restic", "init", "--repo", str(restic_repo)], env)
+    warm(peer_file)
     out["restic_full_s"], out["restic_full_rss_kib"] = run(
         ["restic", "backup", "--repo", str(restic_repo), str(peer_file)], env
     )
@@ -323,10 +343,13 @@ def one_run(
     # 2. incremental after 1 % scattered rewrites
     writes = scatter_writes(disk, seed=1000 + i)
     rewrite(sb, vol, peer_file, writes)
+    sb.warm(vol)
     out["sb_incr_s"], incr = sb.backup(vol, sb_repo)
     out["change_tracking"] = incr["change_tracking"]
     out["sb_incr_read_bytes"] = incr["stats"]["read_bytes"]
+    warm(peer_file)
     out["borg_incr_s"], _ = borg_create(borg_repo, "incr", peer_file, env)
+    warm(peer_file)
     out["restic_incr_s"], _ = run(
         ["restic", "backup", "--repo", str(restic_repo), str(peer_file)], env
     )
@@ -338,8 +361,10 @@ def one_run(
     writes = scatter_writes(disk, seed=2000 + i)
     rewrite(sb, vol, peer_file, writes)
     sb.ctx.pool("default").stop_tracking(sb.storage(vol), "snapback-" + incr["id"])
+    sb.warm(vol)
     out["sb_hash_incr_s"], hashed = sb.backup(vol, sb_repo)
     check(hashed["change_tracking"], "hash-compare", "change tracking after the bitmap is gone")
+    warm(peer_file)
     out["borg_incr2_s"], _ = borg_create(borg_repo, "incr2", peer_file, env)
     if i == 0:
         sb.restore(hashed["id"], sb_repo, restored)

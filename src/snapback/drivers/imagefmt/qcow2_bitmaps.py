@@ -25,7 +25,10 @@ import os
 import struct
 from dataclasses import dataclass
 
-MAGIC = b"QFI\xfb"
+from snapback.drivers.imagefmt.qcow2_header import Header, Unreadable, read_header
+
+__all__ = ["Bitmap", "Unreadable", "dirty_ranges", "read_bitmaps"]
+
 EXT_BITMAPS = 0x23852875
 AUTOCLEAR_BITMAPS = 1  # clear: a program that knew nothing of bitmaps wrote the file
 FLAG_IN_USE, FLAG_AUTO = 1, 2
@@ -34,10 +37,6 @@ OFFSET_MASK = 0x00FFFFFFFFFFFE00
 ENTRY = struct.Struct(">QIIBBHI")  # table offset, table size, flags, type, gran, name, extra
 MAX_DIRECTORY = 64 << 20  # QEMU's own limit on the directory
 MAX_TABLE_ENTRIES = 1 << 28
-
-
-class Unreadable(Exception):
-    """The file's bitmaps are not laid out as this reader expects: ask QEMU."""
 
 
 @dataclass(frozen=True)
@@ -49,54 +48,22 @@ class Bitmap:
     table_size: int
 
 
-@dataclass(frozen=True)
-class _Header:
-    cluster: int
-    size: int  # guest-visible bytes
-    autoclear: int
-    extensions: bytes
-
-
-def _header(fd: int) -> _Header:
-    head = os.pread(fd, 4096, 0)
-    if len(head) < 104 or head[:4] != MAGIC:
-        raise Unreadable("not a qcow2 file")
-    version, cluster_bits = struct.unpack(">I", head[4:8])[0], struct.unpack(">I", head[20:24])[0]
-    if version != 3 or not 9 <= cluster_bits <= 21:
-        raise Unreadable(f"qcow2 version {version}, cluster bits {cluster_bits}")
-    size = struct.unpack(">Q", head[24:32])[0]
-    autoclear = struct.unpack(">Q", head[88:96])[0]
-    header_len = struct.unpack(">I", head[100:104])[0]
-    cluster = 1 << cluster_bits
-    if not 104 <= header_len <= min(cluster, len(head)):
-        raise Unreadable(f"header length {header_len}")
-    end = min(cluster, 4096)
-    return _Header(cluster, size, autoclear, head[header_len:end])
-
-
 def read_bitmaps(path: str) -> dict[str, Bitmap]:
     """The file's persistent bitmaps by name."""
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
-        return _directory(fd, _header(fd), os.fstat(fd).st_size)
+        return _directory(fd, read_header(fd), os.fstat(fd).st_size)
     finally:
         os.close(fd)
 
 
-def _directory(fd: int, head: _Header, file_size: int) -> dict[str, Bitmap]:
-    ext, pos = head.extensions, 0
-    while True:
-        if pos + 8 > len(ext):
-            raise Unreadable("header extensions run past the first 4 KiB")
-        kind, length = struct.unpack(">II", ext[pos : pos + 8])
-        if kind == 0:
-            return {}  # no bitmaps extension: no bitmaps
-        if kind == EXT_BITMAPS:
-            break
-        pos += 8 + (length + 7) // 8 * 8
-    if length < 24 or pos + 8 + 24 > len(ext):
+def _directory(fd: int, head: Header, file_size: int) -> dict[str, Bitmap]:
+    ext = head.extensions.get(EXT_BITMAPS)
+    if ext is None:
+        return {}  # no bitmaps extension: no bitmaps
+    if len(ext) < 24:
         raise Unreadable("bitmaps extension too short")
-    count, _, dir_size, dir_offset = struct.unpack(">IIQQ", ext[pos + 8 : pos + 32])
+    count, _, dir_size, dir_offset = struct.unpack(">IIQQ", ext[:24])
     if not head.autoclear & AUTOCLEAR_BITMAPS:
         raise Unreadable("bitmaps extension left inconsistent by an older writer")
     if dir_size > MAX_DIRECTORY or dir_offset + dir_size > file_size or dir_offset % head.cluster:
@@ -124,7 +91,7 @@ def dirty_ranges(path: str, name: str) -> list[tuple[int, int]]:
     """(offset, length) ranges bitmap ``name`` marks, merged, within the disk's size."""
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
-        head = _header(fd)
+        head = read_header(fd)
         file_size = os.fstat(fd).st_size
         bitmap = _directory(fd, head, file_size).get(name)
         if bitmap is None:
@@ -134,7 +101,7 @@ def dirty_ranges(path: str, name: str) -> list[tuple[int, int]]:
         os.close(fd)
 
 
-def _ranges(fd: int, head: _Header, bm: Bitmap, file_size: int) -> list[tuple[int, int]]:
+def _ranges(fd: int, head: Header, bm: Bitmap, file_size: int) -> list[tuple[int, int]]:
     bits = -(-head.size // bm.granularity)
     per_cluster = head.cluster * 8  # bits of the bitmap in one cluster of its data
     if bm.table_size != -(-bits // per_cluster) or bm.table_size > MAX_TABLE_ENTRIES:

@@ -19,11 +19,15 @@ from __future__ import annotations
 import bisect
 import contextlib
 import os
+import struct
 import threading
+from collections.abc import Callable
 from typing import Any
 
 from snapback.domain.errors import StorageError
 from snapback.drivers.imagefmt import qemu_img
+from snapback.drivers.imagefmt.qcow2_header import Unreadable
+from snapback.drivers.imagefmt.qcow2_map import Qcow2Chain
 from snapback.drivers.storage.base import BlockHandle
 from snapback.drivers.storage.nbd import NbdHandle
 
@@ -34,32 +38,66 @@ _ZEROES = memoryview(bytes(4 << 20))  # sliced without a copy
 def open_read_only(path: str) -> BlockHandle:
     """A read-only handle on the chain ending in ``path``: mapped when every file keeps
     its data in itself (qcow2 or raw, no external data file, not encrypted), else
-    through qemu-nbd."""
-    chain: list[dict[str, Any]] = qemu_img.info(path, "qcow2", chain=True)["chain"]
-    for row in chain:
+    through qemu-nbd. The map comes from the files' own tables (``qcow2_map``), or
+    from QEMU when that reader has a doubt."""
+    try:
+        chain = Qcow2Chain(path)
+    except (Unreadable, UnicodeDecodeError, struct.error, OSError):
+        pass
+    else:
+        return MappedReader(path, chain.size, chain.fds, chain.extents, chain.close)
+    rows: list[dict[str, Any]] = qemu_img.info(path, "qcow2", chain=True)["chain"]
+    for row in rows:
         data = row.get("format-specific", {}).get("data", {})
         if row.get("format") not in DIRECT_FORMATS or data.get("data-file") or data.get("encrypt"):
             return NbdHandle(path, read_only=True)
-    return MappedReader(path, chain)
+    listed = _Listed(qemu_img.map_extents(path, "qcow2"))
+    fds: list[int] = []
+    try:
+        for row in rows:
+            fds.append(os.open(str(row["filename"]), os.O_RDONLY | os.O_CLOEXEC))
+    except OSError as exc:
+        _close_all(fds)
+        raise StorageError(f"cannot open the layers of {path}: {exc.strerror}") from exc
+    return MappedReader(path, int(rows[0]["virtual-size"]), fds, listed, lambda: _close_all(fds))
+
+
+class _Listed:
+    """Extents looked up in ``qemu-img map``'s list for the whole disk."""
+
+    def __init__(self, extents: list[qemu_img.Extent]) -> None:
+        self._extents = extents
+        self._starts = [e.start for e in extents]
+
+    def __call__(self, start: int, length: int) -> list[qemu_img.Extent]:
+        i = max(0, bisect.bisect_right(self._starts, start) - 1)
+        j = bisect.bisect_left(self._starts, start + length)
+        return self._extents[i:j]
+
+
+def _close_all(fds: list[int]) -> None:
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            os.close(fd)
 
 
 class MappedReader(BlockHandle):
     parallel_reads = True  # preadv on shared descriptors; the map is not changed after open
 
-    def __init__(self, path: str, chain: list[dict[str, Any]]) -> None:
-        self._path = path
-        self._size = int(chain[0]["virtual-size"])
-        self._extents = qemu_img.map_extents(path, "qcow2")
-        self._starts = [e.start for e in self._extents]
-        self._fds: list[int] = []
+    def __init__(
+        self,
+        path: str,
+        size: int,
+        fds: list[int],
+        extents: Callable[[int, int], list[qemu_img.Extent]],
+        close: Callable[[], None],
+    ) -> None:
+        """Reads layer ``n`` of the chain through ``fds[n]``; ``extents(start, length)``
+        covers a range; ``close`` lets go of the descriptors."""
+        self._path, self._size, self._fds = path, size, fds
+        self._extents, self._close = extents, close
         self._nbd: NbdHandle | None = None
         self._nbd_lock = threading.Lock()
-        try:
-            for row in chain:
-                self._fds.append(os.open(str(row["filename"]), os.O_RDONLY | os.O_CLOEXEC))
-        except OSError as exc:
-            self.close()
-            raise StorageError(f"cannot open the layers of {path}: {exc.strerror}") from exc
 
     @property
     def size(self) -> int:
@@ -80,16 +118,18 @@ class MappedReader(BlockHandle):
             )
         view = memoryview(buf)
         pos, end = offset, offset + length
-        i = max(0, bisect.bisect_right(self._starts, pos) - 1)
-        while pos < end:
-            if i >= len(self._extents):
-                raise StorageError(f"{self._path}: no map entry for offset {pos}")
-            e = self._extents[i]
+        try:
+            extents = self._extents(offset, length)
+        except (Unreadable, struct.error) as exc:  # QEMU would call the file corrupt too
+            raise StorageError(f"{self._path}: cannot map {offset}+{length}: {exc}") from exc
+        for e in extents:
             n = min(end, e.start + e.length) - pos
-            if n > 0:
-                self._piece(e, pos, view[pos - offset : pos - offset + n])
-                pos += n
-            i += 1
+            if e.start > pos or n <= 0:
+                break
+            self._piece(e, pos, view[pos - offset : pos - offset + n])
+            pos += n
+        if pos < end:
+            raise StorageError(f"{self._path}: no map entry for offset {pos}")
 
     def _piece(self, e: qemu_img.Extent, pos: int, out: memoryview) -> None:
         n = len(out)
@@ -117,9 +157,7 @@ class MappedReader(BlockHandle):
         raise StorageError("this handle is read-only")
 
     def close(self) -> None:
-        for fd in self._fds:
-            with contextlib.suppress(OSError):
-                os.close(fd)
+        self._close()
         self._fds = []
         if self._nbd is not None:
             self._nbd.close()
