@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -37,6 +39,18 @@ def test_empty_and_large_objects(backend: Backend) -> None:
     backend.put("chunks/00/empty", b"")
     assert backend.get("chunks/00/big") == big
     assert backend.get("chunks/00/empty") == b""
+
+
+def test_objects_of_every_size_around_block_boundaries_read_back_whole(backend: Backend) -> None:
+    """The folder writes chunk-sized objects with O_DIRECT, padded to 4 KiB and cut back:
+    nothing of the padding, nor of an earlier object's bytes, may show."""
+    sizes = [65535, 65536, 65537, 20 * 4096, 20 * 4096 + 1, 8 << 20, (8 << 20) + 1, 300_001]
+    for i, n in enumerate(sizes):
+        data = bytes([i + 1]) * n
+        backend.put(f"chunks/0{i}/x", data)
+    for i, n in enumerate(sizes):
+        got = backend.get(f"chunks/0{i}/x")
+        assert len(got) == n and got == bytes([i + 1]) * n, n
 
 
 def test_list_by_prefix(backend: Backend) -> None:
@@ -84,3 +98,28 @@ def test_racing_writers_one_wins_whole(backend: Backend) -> None:
         t.join()
     assert results.count(True) == 1
     assert backend.get("backups/race") in payloads  # one writer's whole object
+
+
+def test_a_folder_without_o_direct_is_written_through_the_page_cache(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A file system that refuses O_DIRECT (EINVAL at open; a unit test of the logic,
+    since this machine's tmpfs takes it): the folder falls back and loses nothing."""
+    import errno
+
+    from snapback.repository.backends import local
+
+    real_open = os.open
+
+    def no_direct(path: str, flags: int, mode: int = 0o777) -> int:
+        if flags & os.O_DIRECT:
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_open(path, flags, mode)
+
+    monkeypatch.setattr(local.os, "open", no_direct)
+    b = local.LocalBackend(tmp_path / "repo")
+    data = os.urandom(1 << 20)
+    assert b.put("chunks/aa/one", data) and b.get("chunks/aa/one") == data
+    assert b._direct is False  # it noticed, once
+    assert b.put("chunks/aa/two", data[:70000]) and b.get("chunks/aa/two") == data[:70000]
+    assert not list((tmp_path / "repo").rglob(".tmp-*"))
