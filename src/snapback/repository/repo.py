@@ -179,6 +179,10 @@ class Repository:
             raise DamagedObject(f"chunk {chunk_id} does not hold the data its name says")
         return data
 
+    def prefetch_chunk(self, chunk_id: str) -> None:
+        """A hint: this chunk will be read soon."""
+        self.backend.prefetch(chunk_key(chunk_id))
+
     def get_chunk_into(self, chunk_id: str, out: memoryview) -> memoryview:
         """``get_chunk`` into the caller's buffer (at least a chunk long); the filled part."""
         key = chunk_key(chunk_id)

@@ -227,7 +227,18 @@ def restore_chunks(
         if progress is not None:
             progress(Progress(done * chunk, len(wanted) * chunk))
 
-    _bounded_map(((n, cid) for n, cid in wanted), work, report)
+    def feed() -> Iterable[tuple[int, str]]:
+        """The wanted chunks in order, each announced ``IN_FLIGHT`` places ahead: the
+        backend may start reading it (the folder: readahead) while workers decompress."""
+        for i, (n, cid) in enumerate(wanted):
+            if i == 0:
+                for _, ahead in wanted[:IN_FLIGHT]:
+                    repo.prefetch_chunk(ahead)
+            elif i + IN_FLIGHT < len(wanted):
+                repo.prefetch_chunk(wanted[i + IN_FLIGHT][1])
+            yield n, cid
+
+    _bounded_map(feed(), work, report)
 
 
 def store_file(repo: Repository, path: str, label: str) -> tuple[str, int]:

@@ -72,5 +72,9 @@ class Backend(abc.ABC):
     def touch(self, key: str) -> None:
         """Refresh the object's mtime (gc's grace window counts from it); NotFound if missing."""
 
+    def prefetch(self, key: str) -> None:
+        """A hint that ``key`` will be read soon; a store that can starts reading it."""
+        return None
+
     def exists(self, key: str) -> bool:
         return self.stat(key) is not None
