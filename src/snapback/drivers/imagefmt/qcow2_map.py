@@ -60,11 +60,13 @@ class Qcow2Chain:
     def __init__(self, path: str) -> None:
         self.layers: list[_Layer] = []
         self._lock = threading.Lock()
+        opened = False
         try:
             self._open(path)
-        except BaseException:
-            self.close()
-            raise
+            opened = True
+        finally:
+            if not opened:  # the error goes on to the caller; the descriptors do not leak
+                self.close()
 
     @property
     def size(self) -> int:

@@ -124,7 +124,7 @@ class LocalBackend(Backend):
         try:
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
         except OSError:
-            pass
+            pass  # readahead refused: the read that follows just waits for the disk
         finally:
             os.close(fd)
 

@@ -42,10 +42,9 @@ def open_read_only(path: str) -> BlockHandle:
     from QEMU when that reader has a doubt."""
     try:
         chain = Qcow2Chain(path)
-    except (Unreadable, UnicodeDecodeError, struct.error, OSError):
-        pass
-    else:
         return MappedReader(path, chain.size, chain.fds, chain.extents, chain.close)
+    except (Unreadable, UnicodeDecodeError, struct.error, OSError):
+        pass  # by design: a doubt of our reader is answered by QEMU below, never a guess
     rows: list[dict[str, Any]] = qemu_img.info(path, "qcow2", chain=True)["chain"]
     for row in rows:
         data = row.get("format-specific", {}).get("data", {})
