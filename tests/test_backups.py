@@ -217,10 +217,17 @@ def test_backup_killed_at_each_step(cli: Cli, repo: str, tmp_path: Path, step: s
     assert cli.json("snapshot", "list", "v") == []  # the temporary snapshot went
     for n, backup_id in enumerate(ids):
         assert restore_bytes(cli, backup_id, repo, tmp_path, f"r{n}") == src.read_bytes()
+    assert cli.json("gc", "--dry-run")["debris"] == []  # the kept bitmap is explained
+    nxt = backup(cli, "v", repo)  # tracking goes on from the newest backup, killed or not
+    assert nxt["parent"] == ids[-1] and nxt["change_tracking"] == "dirty-bitmap", nxt["note"]
     from snapback.config import load_settings
+    from snapback.services import backup_catalog
     from snapback.services.context import Context
 
-    assert_consistent(Context(load_settings(cli.home)))
+    ctx = Context(load_settings(cli.home))
+    catalogued = [e["id"] for e in backup_catalog.entries(ctx, repo)]
+    assert catalogued == [*ids, nxt["id"]]  # the killed backup's entry came from the journal
+    assert_consistent(ctx)
 
 
 @pytest.mark.parametrize("step", ["volume", "opened", "written"])
@@ -409,6 +416,24 @@ def test_rbd_volume_backup_restores_to_rbd_and_to_local(rbd_conf: str, tmp_path:
         cli("volume", "export", "t3", "--file", str(out))
         assert out.read_bytes() == bytes(expected)
         assert cli.json("gc", "--dry-run")["debris"] == []  # the kept snapshot is explained
+        # the newest backup deleted: gc names its diff base, then removes only that
+        fifth = backup(cli, "v", repo)
+        kept = f"backup-{fifth['id']}"
+        assert [x["name"] for x in cli.json("snapshot", "list", "v")] == [kept]
+        cli("backup", "delete", fifth["id"], "--repo", repo)
+        assert cli.json("gc", "--dry-run")["debris"] == [
+            f"default/v@{kept}: diff base of a backup this catalogue does not know"
+        ]
+        assert [x["name"] for x in cli.json("snapshot", "list", "v")] == [kept]  # dry run
+        cli("gc")
+        assert [x["name"] for x in cli.json("snapshot", "list", "v")] == []
+        assert cli.json("gc", "--dry-run")["debris"] == []
+        sixth = backup(cli, "v", repo)  # its parent's (fourth's) base went with fifth
+        assert sixth["parent"] == fourth["id"] and sixth["change_tracking"] == "hash-compare"
+        cli("backup", "restore", sixth["id"], "--repo", repo, "--to-volume", "t6")
+        out = tmp_path / "t6.raw"
+        cli("volume", "export", "t6", "--file", str(out))
+        assert out.read_bytes() == bytes(expected)
         cli("volume", "delete", "v")  # with its backup snapshot
     finally:
         from snapback.drivers.storage.rbd import RbdPool

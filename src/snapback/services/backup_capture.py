@@ -27,6 +27,9 @@ from snapback.domain.models import SnapshotStatus
 from snapback.drivers.storage.base import TRACKER_PREFIX, BlockHandle, StoragePool
 from snapback.services.context import Context
 
+# A backup of an RBD volume keeps its snapshot as the next one's diff base, catalogued
+# as the snapshot ``backup-<backup id>`` (storage name ``b-…``; a user's are ``s-…``).
+DIFF_BASE_NAME, DIFF_BASE_STORAGE = "backup-", "b-"
 LOST = {
     "snapshot": "the last backup's snapshot is gone",
     "bitmap": "the volume's dirty bitmap for the last backup is missing or was not stored cleanly",
@@ -87,7 +90,7 @@ def plan_disk(
         domain=domain,
     )
     if by == "snapshot":
-        plan.snap = "b-" + uuid.uuid4().hex[:20]
+        plan.snap = DIFF_BASE_STORAGE + uuid.uuid4().hex[:20]
     else:
         plan.tracker = TRACKER_PREFIX + backup_id
     if mine is None or parent is None:
@@ -222,7 +225,8 @@ def _rotate_snapshots(ctx: Context, plan: DiskPlan, backup_id: str) -> None:
         vol = s.get(Volume, plan.volume_id)
         assert vol is not None
         if not any(x.storage_name == plan.snap and x.status == "available" for x in vol.snapshots):
-            s.add(Snapshot(volume_id=vol.id, name=f"backup-{backup_id}", storage_name=plan.snap,
+            name = DIFF_BASE_NAME + backup_id
+            s.add(Snapshot(volume_id=vol.id, name=name, storage_name=plan.snap,
                            status=SnapshotStatus.AVAILABLE))  # fmt: skip
         for row in vol.snapshots:
             if plan.since and row.storage_name == plan.since:

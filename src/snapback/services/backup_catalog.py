@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
 from sqlalchemy import delete, func, select
@@ -113,9 +113,21 @@ def _upsert(s: Session, loc: str, repo_id: str, fields: EntryFields) -> str:
 
 def record(ctx: Context, repo_url: str, repo_id: str, record_dict: dict[str, Any]) -> str:
     """Catalogue one backup record (idempotent); 'added', 'updated' or 'unchanged'."""
+    return record_entry(ctx, entry_of(repo_url, repo_id, record_dict))
+
+
+def entry_of(repo_url: str, repo_id: str, record_dict: dict[str, Any]) -> dict[str, Any]:
+    """What ``record_entry`` needs, as JSON: a backup journals it so that its recovery
+    can catalogue the backup without the repository's URL, passphrase or record."""
     fields = EntryFields.of(record_dict)
+    return {"location": location(repo_url), "repo_id": repo_id, "fields": asdict(fields)}
+
+
+def record_entry(ctx: Context, entry: dict[str, Any]) -> str:
+    """Catalogue an ``entry_of`` (idempotent); 'added', 'updated' or 'unchanged'."""
+    fields = EntryFields(**entry["fields"])
     with ctx.transaction() as s:
-        return _upsert(s, location(repo_url), repo_id, fields)
+        return _upsert(s, str(entry["location"]), str(entry["repo_id"]), fields)
 
 
 def forget(ctx: Context, repo_url: str, backup_id: str) -> bool:

@@ -161,12 +161,14 @@ class BackupService:
                 record["boot_files"] = boot_files
             lock_held()  # gc must not have swept while we wrote chunks
             repo.put_record(record)
-            op.step("recorded")
+            entry = backup_catalog.entry_of(repo_url, repo.config.id, record)
+            op.step("recorded", catalog=entry)  # recovery catalogues it from here
             for plan in plans:
                 cap.finish(self.ctx, plan, backup_id)
             op.step("rotated")
-            # still under the volume locks: gc never sees this backup's bitmap unexplained
-            backup_catalog.record(self.ctx, repo_url, repo.config.id, record)
+            # still under the volume locks: gc never sees this backup's bitmap or diff-base
+            # snapshot unexplained
+            backup_catalog.record_entry(self.ctx, entry)
         return record
 
     def _parent(self, repo: Repository, key: str, value: str) -> dict[str, Any] | None:
@@ -349,7 +351,7 @@ def _store_boot_files(repo: Repository, job: Job) -> list[dict[str, Any]]:
 def _recover_create(ctx: Context, op: journal.OperationRecord) -> OperationStatus:
     """Thaw a guest left frozen; before the record, drop this backup's snapshots or
     bitmaps (the repository keeps only unreferenced chunks, which gc removes); after
-    it, keep them as the next diff base and drop the parent's."""
+    it, keep them as the next diff base, drop the parent's and catalogue the backup."""
     domain = op.payload.get("domain")
     if domain:
         from snapback.drivers.hypervisor.backup_job import end_job, job_dir
@@ -364,6 +366,9 @@ def _recover_create(ctx: Context, op: journal.OperationRecord) -> OperationStatu
         if not op.reached("rotated"):
             for plan in plans:
                 cap.finish(ctx, plan, str(op.payload["backup"]))
+        entry = op.data("recorded").get("catalog")
+        if entry:  # journals older than this field: ``repo rebuild-catalog`` adds it
+            backup_catalog.record_entry(ctx, entry)
         return OperationStatus.RECOVERED
     for plan in plans:
         cap.undo(ctx, plan)

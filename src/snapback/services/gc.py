@@ -30,7 +30,9 @@ from snapback.domain.models import (
     SnapshotStatus,
     VolumeStatus,
 )
+from snapback.domain.names import SnapshotRef
 from snapback.drivers.storage.base import TRACKER_PREFIX
+from snapback.services import backup_capture as cap
 from snapback.services import (
     backup_restore,
     backups,
@@ -264,6 +266,35 @@ class GcService:
                     partial(driver.stop_tracking, vol.storage_name, name),
                 )
 
+    def _orphan_diff_bases(self, report: GcReport, dry_run: bool, busy: set[str]) -> None:
+        """RBD snapshots kept as the diff base of a backup this catalogue no longer knows
+        (deleted, pruned): they would hold their data for ever. The next backup of the
+        volume compares hashes instead, and says so."""
+        with self.ctx.sessions() as s:
+            known = set(s.scalars(select(BackupEntry.backup_id)))
+            rows = s.execute(
+                select(Volume.name, Volume.pool, Volume.id, Snapshot.name)
+                .join(Snapshot, Snapshot.volume_id == Volume.id)
+                .where(
+                    Volume.status != VolumeStatus.DELETED,
+                    Snapshot.status == SnapshotStatus.AVAILABLE,
+                    Snapshot.name.startswith(cap.DIFF_BASE_NAME),
+                    Snapshot.storage_name.startswith(cap.DIFF_BASE_STORAGE),
+                )
+            ).all()
+        for vol_name, pool, vol_id, snap_name in rows:
+            backup_id = snap_name.removeprefix(cap.DIFF_BASE_NAME)
+            if backup_id in known or backup_id in busy or vol_id in busy:
+                continue
+            ref = SnapshotRef(vol_name, snap_name)
+            self._orphan(
+                report,
+                dry_run,
+                f"{pool}/{ref}",
+                "diff base of a backup this catalogue does not know",
+                partial(SnapshotService(self.ctx).delete, ref, pool),
+            )
+
     def _orphans(self, report: GcReport, dry_run: bool) -> None:
         busy = self._in_flight()
         self._orphan_boot_files(report, dry_run, busy)
@@ -280,6 +311,7 @@ class GcService:
             }
             busy |= {v.id for v in known.values()} & busy
         self._orphan_trackers(report, dry_run, busy, list(known.values()))
+        self._orphan_diff_bases(report, dry_run, busy)
         for pool_name in self.ctx.settings.pools:
             driver = self.ctx.pool(pool_name)
             for storage in driver.list_volumes():
@@ -325,7 +357,7 @@ class GcService:
                     )
 
     def _orphan(
-        self, report: GcReport, dry_run: bool, what: str, reason: str, remove: Callable[[], None]
+        self, report: GcReport, dry_run: bool, what: str, reason: str, remove: Callable[[], object]
     ) -> None:
         if dry_run:
             report.debris.append(f"{what}: {reason}")
