@@ -85,7 +85,7 @@ class Cli:
         result = CliResult(proc.returncode, out, err)
         if check and proc.returncode != 0:
             raise AssertionError(
-                f"snapback {' '.join(args)} failed ({proc.returncode}):\n{proc.stderr}{proc.stdout}"
+                f"snapback {' '.join(args)} failed ({proc.returncode}):\n{err}{out}"
             )
         return result
 

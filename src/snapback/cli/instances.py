@@ -7,7 +7,7 @@ import click
 from snapback.cli.images import image_text
 from snapback.cli.main import context
 from snapback.cli.output import FORMAT_OPTION, emit, fields, table
-from snapback.cli.volumes import progress_bar
+from snapback.cli.volumes import POOL_OPTION, progress_bar
 from snapback.services.image_create import MODES, QUIESCE, ImageCreateService
 from snapback.services.image_create_rbd import FLATTEN
 from snapback.services.images import parse_properties
@@ -135,19 +135,21 @@ def delete(name: str, fmt: str) -> None:
 @instance.command("attach")
 @click.argument("name")
 @click.argument("volume")
+@POOL_OPTION
 @FORMAT_OPTION
-def attach(name: str, volume: str, fmt: str) -> None:
-    """Attach a volume as the next free disk (live when the instance runs)."""
-    emit(fmt, service().attach(name, volume), instance_text)
+def attach(name: str, volume: str, pool: str | None, fmt: str) -> None:
+    """Attach a volume (of any pool) as the next free disk (live when the instance runs)."""
+    emit(fmt, service().attach(name, volume, pool), instance_text)
 
 
 @instance.command("detach")
 @click.argument("name")
 @click.argument("volume")
+@POOL_OPTION
 @FORMAT_OPTION
-def detach(name: str, volume: str, fmt: str) -> None:
+def detach(name: str, volume: str, pool: str | None, fmt: str) -> None:
     """Detach a volume (not the root disk)."""
-    emit(fmt, service().detach(name, volume), instance_text)
+    emit(fmt, service().detach(name, volume, pool), instance_text)
 
 
 @instance.command("image-create")

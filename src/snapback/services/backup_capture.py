@@ -75,8 +75,10 @@ def plan_disk(
     live: bool = False,
 ) -> DiskPlan:
     """Name this backup's point in time and find the base of the parent's, if any
-    (``live``: a running guest's local disk, read through a libvirt backup job)."""
-    by = "checkpoint" if live else driver.tracks_changes_by
+    (``live``: a running guest's, whose local disks a libvirt backup job reads)."""
+    by = driver.tracks_changes_by
+    if live and by == "bitmap":
+        by = "checkpoint"
     mine = _parent_disk(parent, vol.id, target)
     plan = DiskPlan(
         target=target,

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from snapback.catalog.models import Image, Instance, Volume
-from snapback.domain.errors import Conflict, InvalidInput, NotFound
+from snapback.domain.errors import InvalidInput, NotFound
 from snapback.domain.models import BootFileFormat
 from snapback.drivers.hypervisor import snapshot_ops as ops
 from snapback.drivers.hypervisor.libvirt_driver import DomainState
@@ -44,7 +44,7 @@ class Job:
     instance: dict[str, Any] | None = None
     consistency: str = "stopped"
     hypervisor: Any = field(default=None, repr=False)
-    live_local: bool = False  # running on local qcow2: a libvirt backup job reads it
+    live_local: bool = False  # running with local qcow2 disks: a libvirt backup job reads them
     boot: list[BootFile] = field(default_factory=list)
 
     @property
@@ -53,24 +53,37 @@ class Job:
             return f"instance {self.source['name']}"
         return f"{self.source['pool']}/{self.source['name']}"
 
-    def freeze(self, op: journal.OpHandle) -> bool:
-        """Freeze the guest's file systems when it runs and an agent answers."""
+    def hold(self, op: journal.OpHandle, points: int) -> str | None:
+        """Stop the running guest's writes while its disks' points are taken: freeze
+        its file systems when an agent answers (quiesced); otherwise pause it when the
+        points are more than one action (several RBD snapshots, or a libvirt job and
+        RBD snapshots), so that they are one instant (crash-consistent). One point is
+        one instant by itself. ``"frozen"``, ``"paused"`` or None; ``release`` ends it."""
         if not self.running:
-            return False
+            return None
         self.consistency = "crash-consistent"
         if self.domain is None:
-            return False
+            return None
         count = ops.quiesce(self.hypervisor, self.domain, self.quiesce)
-        if count is None:
-            return False
-        op.step("frozen", filesystems=count)
-        self.consistency = "quiesced"
-        return True
+        if count is not None:
+            op.step("frozen", filesystems=count)
+            self.consistency = "quiesced"
+            return "frozen"
+        if points > 1 and self.hypervisor.state(self.domain) is DomainState.RUNNING:
+            op.step("pausing")  # before the call: recovery resumes whatever it did
+            ops.pause(self.hypervisor, self.domain)
+            op.step("paused")
+            return "paused"
+        return None
 
-    def thaw(self, op: journal.OpHandle) -> None:
+    def release(self, op: journal.OpHandle, held: str | None) -> None:
         assert self.domain is not None
-        ops.fs_thaw(self.hypervisor, self.domain, wait=ops.THAW_WAIT_S)
-        op.step("thawed")
+        if held == "frozen":
+            ops.fs_thaw(self.hypervisor, self.domain, wait=ops.THAW_WAIT_S)
+            op.step("thawed")
+        elif held == "paused":
+            ops.resume(self.hypervisor, self.domain)
+            op.step("resumed")
 
     def record(
         self,
@@ -135,12 +148,6 @@ def instance_job(ctx: Context, name: str, quiesce: str) -> Job:
         memory, vcpus = row.memory_mib, row.vcpus
         boot_refs, cmdline = _boot_refs(row, image)
     local = [v.name for _, v in disks if ctx.pool(v.pool).tracks_changes_by == "bitmap"]
-    if running and local and len(local) != len(disks):
-        raise Conflict(
-            f"instance {name} is running with disks on a local pool ({', '.join(local)}) "
-            f"and on RBD: stop it first ('snapback instance stop {name}'), or keep its "
-            "disks in one kind of pool"
-        )
     if running and quiesce == "required":
         ops.agent_ping(hv, inst.domain_name)
     definition = {

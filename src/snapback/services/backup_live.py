@@ -4,9 +4,12 @@ Stopped local disks and RBD disks get theirs from the storage (backup_capture).
 A running instance whose disks are local qcow2 gets one libvirt backup job in
 pull mode with a checkpoint ``snapback-<backup id>`` (drivers/hypervisor/
 backup_job.py): all disks at one instant, the guest frozen for that instant
-only, read over NBD while it keeps running. The checkpoint's bitmaps are the
-same ``snapback-<id>`` bitmaps a stopped backup starts with ``qemu-img``, so
-tracking carries on whether the guest runs or not between two backups.
+only, read over NBD while it keeps running. Its RBD disks, if it has both kinds,
+get their snapshots in that same held instant. Held means frozen through the
+guest agent, or, with no agent, paused when the points are more than one action.
+The checkpoint's bitmaps are the same ``snapback-<id>`` bitmaps a stopped backup
+starts with ``qemu-img``, so tracking carries on whether the guest runs or not
+between two backups.
 """
 
 from __future__ import annotations
@@ -43,7 +46,7 @@ def points(
             yield found
         return
     changed: dict[str, Extents | None] = {}
-    frozen = job.freeze(op)
+    held = job.hold(op, points=len(plans))
     try:
         for plan in plans:
             driver = ctx.pool(plan.pool)
@@ -51,11 +54,8 @@ def points(
                 changed[plan.target] = cap.changes(driver, plan)
             cap.take_point(driver, plan)
     finally:
-        if frozen:
-            job.thaw(op)
-    for plan in plans:
-        if plan.by == "snapshot":
-            changed[plan.target] = cap.changes(ctx.pool(plan.pool), plan)
+        job.release(op, held)
+    changed |= _snapshot_changes(ctx, plans)
     yield Points(
         changed,
         lambda p: cap.open_point(ctx.pool(p.pool), p),
@@ -63,29 +63,39 @@ def points(
     )
 
 
+def _snapshot_changes(ctx: Context, plans: list[cap.DiskPlan]) -> dict[str, Extents | None]:
+    """What changed on the disks whose points are storage snapshots (RBD)."""
+    return {p.target: cap.changes(ctx.pool(p.pool), p) for p in plans if p.by == "snapshot"}
+
+
 @contextlib.contextmanager
 def _live(
     ctx: Context, op: journal.OpHandle, job: Job, plans: list[cap.DiskPlan]
 ) -> Iterator[Points]:
+    """The local disks through one libvirt job; RBD disks (a mixed instance) by
+    snapshots taken while the guest is held, so all are one instant."""
     hv, domain = ctx.hypervisor, job.domain
     assert domain is not None
-    targets = [p.target for p in plans]
-    checkpoint = plans[0].tracker
+    local = [p for p in plans if p.by == "checkpoint"]
+    on_rbd = [p for p in plans if p.by == "snapshot"]
+    targets, others = [p.target for p in local], [p.target for p in on_rbd]
+    checkpoint = local[0].tracker
     assert checkpoint is not None
-    parent = plans[0].parent_tracker if all(p.parent_tracker for p in plans) else None
+    parent = local[0].parent_tracker if all(p.parent_tracker for p in local) else None
     if parent and parent not in backup_job.checkpoints(hv, domain):
         with contextlib.suppress(HypervisorError):  # no such bitmap: tracking is lost
-            backup_job.redefine_checkpoint(hv, domain, parent, targets)
+            backup_job.redefine_checkpoint(hv, domain, parent, targets, others)
     with contextlib.ExitStack() as stack:
-        frozen = job.freeze(op)
+        held = job.hold(op, points=1 + len(on_rbd))
         try:
-            sock, incremental = _begin(ctx, stack, domain, targets, checkpoint, parent)
+            sock, incremental = _begin(ctx, stack, domain, (targets, others), checkpoint, parent)
+            for plan in on_rbd:
+                cap.take_point(ctx.pool(plan.pool), plan)
         finally:
-            if frozen:
-                job.thaw(op)
+            job.release(op, held)
         op.step("exported")
-        changed: dict[str, Extents | None] = {}
-        for plan in plans:
+        changed = _snapshot_changes(ctx, plans)
+        for plan in local:
             if incremental is None:
                 if plan.parent is not None:
                     cap.lost(plan)
@@ -94,29 +104,38 @@ def _live(
             with ExportHandle(sock, plan.target, f"backup-{plan.target}") as h:
                 changed[plan.target] = h.dirty()
 
+        def read(p: cap.DiskPlan) -> BlockHandle:
+            if p.by == "snapshot":
+                return cap.open_point(ctx.pool(p.pool), p)
+            return ExportHandle(sock, p.target)
+
         def allocated(p: cap.DiskPlan) -> Extents:
+            if p.by == "snapshot":
+                return cap.allocated(ctx.pool(p.pool), p)
             with ExportHandle(sock, p.target) as h:
                 return h.allocated()
 
-        yield Points(changed, lambda p: ExportHandle(sock, p.target), allocated)
+        yield Points(changed, read, allocated)
 
 
 def _begin(
     ctx: Context,
     stack: contextlib.ExitStack,
     domain: str,
-    targets: list[str],
+    disks: tuple[list[str], list[str]],
     checkpoint: str,
     parent: str | None,
 ) -> tuple[str, str | None]:
-    """Start the job, incremental from ``parent`` when libvirt accepts it (a bitmap
-    QEMU found inconsistent is refused): (NBD socket, incremental base)."""
+    """Start the job on the first disks (the others left out), incremental from
+    ``parent`` when libvirt accepts it (a bitmap QEMU found inconsistent is refused):
+    (NBD socket, incremental base)."""
     hv, work = ctx.hypervisor, ctx.settings.work
+    targets, others = disks
     if parent is not None:
         try:
-            job = backup_job.pull_backup(hv, domain, targets, work, checkpoint, parent)
+            job = backup_job.pull_backup(hv, domain, targets, work, checkpoint, parent, others)
             return stack.enter_context(job), parent
         except HypervisorError:
             pass  # falls back to a full read compared by hashes
-    job = backup_job.pull_backup(hv, domain, targets, work, checkpoint, None)
+    job = backup_job.pull_backup(hv, domain, targets, work, checkpoint, None, others)
     return stack.enter_context(job), None

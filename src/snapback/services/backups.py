@@ -349,9 +349,10 @@ def _store_boot_files(repo: Repository, job: Job) -> list[dict[str, Any]]:
 
 @journal.recovery(CREATE)
 def _recover_create(ctx: Context, op: journal.OperationRecord) -> OperationStatus:
-    """Thaw a guest left frozen; before the record, drop this backup's snapshots or
-    bitmaps (the repository keeps only unreferenced chunks, which gc removes); after
-    it, keep them as the next diff base, drop the parent's and catalogue the backup."""
+    """Resume a guest left paused, thaw one left frozen; before the record, drop this
+    backup's snapshots or bitmaps (the repository keeps only unreferenced chunks,
+    which gc removes); after it, keep them as the next diff base, drop the parent's
+    and catalogue the backup."""
     domain = op.payload.get("domain")
     if domain:
         from snapback.drivers.hypervisor.backup_job import end_job, job_dir
@@ -359,6 +360,8 @@ def _recover_create(ctx: Context, op: journal.OperationRecord) -> OperationStatu
         end_job(ctx.hypervisor, str(domain))  # a pull-mode job outlives its reader
         tracker = TRACKER_PREFIX + str(op.payload["backup"])
         shutil.rmtree(job_dir(ctx.settings.work, tracker), ignore_errors=True)
+        if op.reached("pausing") and not op.reached("resumed"):
+            ops.resume_quietly(ctx.hypervisor, str(domain))
         if op.reached("frozen") and not op.reached("thawed"):
             ops.thaw_quietly(ctx.hypervisor, str(domain), ops.THAW_WAIT_S)
     plans = [cap.DiskPlan.from_json(d) for d in op.data("snapping").get("disks", [])]

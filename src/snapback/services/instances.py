@@ -248,9 +248,9 @@ class InstanceService:
             self._set_status(inst_id, "active" if start else "shutoff")
         return self.view(inst_id)
 
-    def _attachable(self, name: str) -> str:
+    def _attachable(self, name: str, pool: str | None = None) -> str:
         with self.ctx.sessions() as s:
-            vol = live_volume(s, self.ctx.settings.default_pool, name)
+            vol = live_volume(s, pool or self.ctx.settings.default_pool, name)
             if vol.read_only:
                 raise InvalidInput(f"volume {name} is read-only")
             user = s.scalars(
@@ -308,9 +308,9 @@ class InstanceService:
         _teardown(self.ctx, inst.id)
         return "deleted"
 
-    def attach(self, name: str, volume: str) -> InstanceView:
+    def attach(self, name: str, volume: str, pool: str | None = None) -> InstanceView:
         inst = self.find(name)
-        vol_id = self._attachable(volume)
+        vol_id = self._attachable(volume, pool)
         with self.ctx.transaction() as s:
             row = s.get(Instance, inst.id)
             assert row is not None
@@ -320,10 +320,10 @@ class InstanceService:
         self._apply_disks(inst.id)
         return self.view(inst.id)
 
-    def detach(self, name: str, volume: str) -> InstanceView:
+    def detach(self, name: str, volume: str, pool: str | None = None) -> InstanceView:
         inst = self.find(name)
         with self.ctx.transaction() as s:
-            vol = live_volume(s, self.ctx.settings.default_pool, volume)
+            vol = live_volume(s, pool or self.ctx.settings.default_pool, volume)
             disk = s.scalars(
                 select(InstanceDisk).where(
                     InstanceDisk.instance_id == inst.id, InstanceDisk.volume_id == vol.id

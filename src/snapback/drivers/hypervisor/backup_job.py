@@ -17,7 +17,7 @@ import os
 import pwd
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 from xml.sax.saxutils import quoteattr
@@ -36,12 +36,20 @@ def checkpoints(hv: LibvirtHypervisor, domain: str) -> list[str]:
         raise HypervisorError(f"cannot list checkpoints of {domain}: {exc}") from exc
 
 
-def redefine_checkpoint(hv: LibvirtHypervisor, domain: str, name: str, targets: list[str]) -> None:
-    """Tell libvirt about bitmap ``name`` that already exists in the disks."""
+def _left_out(targets: Sequence[str], attribute: str) -> str:
+    """Disks outside a job or checkpoint (on RBD: no bitmaps), named so libvirt
+    does not pick its own default for them."""
+    return "".join(f"<disk name={quoteattr(t)} {attribute}='no'/>" for t in targets)
+
+
+def redefine_checkpoint(
+    hv: LibvirtHypervisor, domain: str, name: str, targets: list[str], others: Sequence[str] = ()
+) -> None:
+    """Tell libvirt about bitmap ``name`` that already exists in the ``targets`` disks."""
     lv = _libvirt()
     disks = "".join(
         f"<disk name={quoteattr(t)} checkpoint='bitmap' bitmap={quoteattr(name)}/>" for t in targets
-    )
+    ) + _left_out(others, "checkpoint")
     xml = (
         f"<domaincheckpoint><name>{name}</name><creationTime>{int(time.time())}</creationTime>"
         f"<disks>{disks}</disks></domaincheckpoint>"
@@ -90,21 +98,25 @@ def pull_backup(
     work: Path,
     checkpoint: str,
     incremental: str | None,
+    others: Sequence[str] = (),
 ) -> Iterator[str]:
-    """Start the job; yields the NBD socket (export names are the disk targets)."""
+    """Start the job on ``targets`` (the ``others`` left out); yields the NBD socket
+    (export names are the disk targets)."""
     sockdir = _socket_dir(work, checkpoint)
     sock = sockdir / "nbd.sock"
     disks = "".join(
         f"<disk name={quoteattr(t)} backup='yes' type='file'>"
         f"<scratch file={quoteattr(str(sockdir / f'scratch-{t}.qcow2'))}/></disk>"
         for t in targets
-    )
+    ) + _left_out(others, "backup")
     inc = f"<incremental>{incremental}</incremental>" if incremental else ""
     backup = (
         f"<domainbackup mode='pull'>{inc}<server transport='unix' socket={quoteattr(str(sock))}/>"
         f"<disks>{disks}</disks></domainbackup>"
     )
-    cp_disks = "".join(f"<disk name={quoteattr(t)} checkpoint='bitmap'/>" for t in targets)
+    cp_disks = "".join(
+        f"<disk name={quoteattr(t)} checkpoint='bitmap'/>" for t in targets
+    ) + _left_out(others, "checkpoint")
     cp = f"<domaincheckpoint><name>{checkpoint}</name><disks>{cp_disks}</disks></domaincheckpoint>"
     dom: Any = hv.domain(domain)
     try:

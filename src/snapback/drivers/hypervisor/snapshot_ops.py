@@ -6,7 +6,8 @@
   delta we made (``REUSE_EXT``), waited for until the mirror is ready, then
   ended *without* pivot, so the guest keeps its disk and the delta holds the
   disk as it was at that instant;
-- the guest agent: ``fsFreeze``/``fsThaw`` around the point in time;
+- the guest agent: ``fsFreeze``/``fsThaw`` around the point in time, or, with no
+  agent, a pause of the guest while several disks' points are taken;
 - PCI host devices, which a save cannot carry, detached and re-attached.
 """
 
@@ -251,6 +252,21 @@ def quiesce(hv: LibvirtHypervisor, name: str, mode: str) -> int | None:
         if mode == "required":
             raise
         return None
+
+
+def pause(hv: LibvirtHypervisor, name: str) -> None:
+    """Stop the guest's vCPUs (its disks see no new write until ``resume``)."""
+    hv.call(f"pausing {name}", hv.domain(name).suspend)
+
+
+def resume(hv: LibvirtHypervisor, name: str) -> None:
+    hv.call(f"resuming {name}", hv.domain(name).resume)
+
+
+def resume_quietly(hv: LibvirtHypervisor, name: str) -> None:
+    """Recovery: resume a guest we paused; one that runs (or is gone) is left alone."""
+    if hv.state(name) is DomainState.PAUSED:
+        resume(hv, name)
 
 
 def thaw_quietly(hv: LibvirtHypervisor, name: str, wait: float) -> None:
