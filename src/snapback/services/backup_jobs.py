@@ -77,6 +77,8 @@ class Job:
         return None
 
     def release(self, op: journal.OpHandle, held: str | None) -> None:
+        if held is None:
+            return
         assert self.domain is not None
         if held == "frozen":
             ops.fs_thaw(self.hypervisor, self.domain, wait=ops.THAW_WAIT_S)
