@@ -18,7 +18,10 @@ def wipe(pools: list[RbdPool]) -> None:
     """Remove every image, snapshot and trash entry (clones first, as RBD wants)."""
     import rbd
 
+    from snapback.drivers.storage.rbd import closing
+
     for _ in range(10):
+        closing.settle()  # this process's images closed late still watch theirs
         left = 0
         for pool in pools:
             io = pool.ioctx()

@@ -22,6 +22,7 @@ from snapback.domain.errors import (
     NotFound,
     StorageError,
 )
+from snapback.drivers.storage.rbd import closing
 
 CONNECT_TIMEOUT_S = 10
 _CLUSTERS: dict[str, Any] = {}
@@ -64,6 +65,7 @@ def cluster(conffile: str) -> Any:
 
 @atexit.register
 def _shutdown() -> None:
+    closing.settle()  # images closed late are closed before their cluster handle goes
     rados, _ = bindings()
     for handle in _CLUSTERS.values():
         with contextlib.suppress(rados.Error):  # at exit: nothing left to report to

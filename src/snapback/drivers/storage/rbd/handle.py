@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from snapback.drivers.storage.base import BlockHandle
+from snapback.drivers.storage.rbd import closing
 from snapback.drivers.storage.rbd.cluster import translated
 
 MAX_REQUEST = 64 << 20
 
 
 class RbdHandle(BlockHandle):
-    def __init__(self, image: Any, what: str) -> None:
-        self._img, self._what = image, what
+    def __init__(self, image: Any, what: str, key: tuple[str, ...], read_only: bool) -> None:
+        self._img, self._what, self._key, self._read_only = image, what, key, read_only
+        self._opened = time.monotonic()
         with translated(what):
             self._size = int(image.size())
 
@@ -38,4 +41,5 @@ class RbdHandle(BlockHandle):
                     raise OSError(f"short write to {self._what}")
 
     def close(self) -> None:
-        self._img.close()
+        # not at once: see closing.py
+        closing.close(self._img, self._opened, self._key, read_only=self._read_only)

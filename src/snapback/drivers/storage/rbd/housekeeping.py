@@ -9,7 +9,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import time
 from typing import TYPE_CHECKING
 
@@ -25,6 +24,7 @@ IMPORT_SUFFIX = ".importing"
 
 def trash_volume(pool: RbdPool, name: str, delay: int) -> None:
     _, rbd = bindings()
+    pool.settle(name)
     with translated(pool._spec(name)):
         rbd.RBD().trash_move(pool.ioctx(), name, delay)
 
@@ -49,6 +49,7 @@ def empty_trash(pool: RbdPool, *, expired_only: bool = True) -> list[str]:
             with translated(f"trashed image {pool.where}/{entry.name}"):
                 if not _drop_trashed_snaps(pool, entry.id):
                     continue  # a snapshot still has clones: it waits
+                pool.settle("id:" + entry.id)
                 rbd.RBD().trash_remove(pool.ioctx(), entry.id, force=not expired_only)
         except (Conflict, HasDependents):
             continue  # still has clones: it waits
@@ -58,14 +59,11 @@ def empty_trash(pool: RbdPool, *, expired_only: bool = True) -> list[str]:
 
 def _drop_trashed_snaps(pool: RbdPool, image_id: str) -> bool:
     """Remove a trashed image's snapshots; False while one of them has clones."""
-    _, rbd = bindings()
-    with contextlib.closing(rbd.Image(pool.ioctx(), image_id=image_id)) as img:
+    with pool.image_by_id(image_id) as img:
         for snap in pool._user_snaps(img):
             name = snap["name"]
             if img.is_protected_snap(name):
-                with contextlib.closing(
-                    rbd.Image(pool.ioctx(), image_id=image_id, snapshot=name, read_only=True)
-                ) as at:
+                with pool.image_by_id(image_id, snapshot=name, read_only=True) as at:
                     if list(at.list_children2()):
                         return False
                 img.unprotect_snap(name)
@@ -109,5 +107,6 @@ def remove_debris(pool: RbdPool, item: Debris) -> None:
     with pool.image(name) as img:
         for snap in pool._user_snaps(img):
             img.remove_snap(snap["name"])
+    pool.settle(name)
     with translated(item.path):
         rbd.RBD().remove(pool.ioctx(), name)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -38,7 +39,7 @@ from snapback.drivers.storage.base import (
     StoragePool,
     TrashEntry,
 )
-from snapback.drivers.storage.rbd import housekeeping
+from snapback.drivers.storage.rbd import closing, housekeeping
 from snapback.drivers.storage.rbd.cluster import bindings, cluster, translated
 from snapback.drivers.storage.rbd.handle import RbdHandle
 from snapback.drivers.storage.rbd.housekeeping import IMPORT_SUFFIX
@@ -97,21 +98,44 @@ class RbdPool(StoragePool):
         snap = f"@{snapshot}" if snapshot else ""
         return f"rbd {self.where}/{volume}{snap}"
 
-    @contextlib.contextmanager
+    def _key(self, volume: str) -> tuple[str, ...]:
+        return (self.conffile, self.where, volume)
+
     def image(
         self, volume: str, *, snapshot: str | None = None, read_only: bool = False
-    ) -> Iterator[Any]:
+    ) -> contextlib.AbstractContextManager[Any]:
+        """An open ``rbd.Image``, closed late (``closing``) when the block ends."""
         validate_name(volume, "volume name")
         if snapshot is not None:
             validate_name(snapshot, "snapshot name")
+        what = self._spec(volume, snapshot)
+        return self._opened(what, volume, name=volume, snapshot=snapshot, read_only=read_only)
+
+    def image_by_id(
+        self, image_id: str, *, snapshot: str | None = None, read_only: bool = False
+    ) -> contextlib.AbstractContextManager[Any]:
+        """A trashed image, which has only its id."""
+        what = f"trashed image {self.where} id {image_id}"
+        key = "id:" + image_id
+        return self._opened(what, key, image_id=image_id, snapshot=snapshot, read_only=read_only)
+
+    @contextlib.contextmanager
+    def _opened(self, what: str, key: str, **how: Any) -> Iterator[Any]:
         _, rbd = bindings()
-        with translated(self._spec(volume, snapshot)):
-            img = rbd.Image(self.ioctx(), volume, snapshot=snapshot, read_only=read_only)
+        closing.reap()
+        with translated(what):
+            img = rbd.Image(self.ioctx(), **how)
+        opened = time.monotonic()
         try:
-            with translated(self._spec(volume, snapshot)):
+            with translated(what):
                 yield img
         finally:
-            img.close()
+            read_only = bool(how.get("read_only")) or how.get("snapshot") is not None
+            closing.close(img, opened, self._key(key), read_only=read_only)
+
+    def settle(self, volume: str) -> None:
+        """Close this process's late images of ``volume`` (before it must have no watcher)."""
+        closing.settle(self._key(volume))
 
     # -- volumes -------------------------------------------------------------------
     def create_volume(
@@ -183,11 +207,20 @@ class RbdPool(StoragePool):
         return self.volume_info(name)
 
     def delete_volume(self, name: str) -> None:
-        self._check_deletable(name)
+        validate_name(name, "volume name")
         _, rbd = bindings()
+        self.settle(name)
+        try:  # most volumes have no snapshot: nothing to open first
+            with translated(self._spec(name)):
+                rbd.RBD().remove(self.ioctx(), name)
+            return
+        except HasDependents:
+            pass  # its snapshots go first, if none has clones or is protected
+        self._check_deletable(name)
         with self.image(name) as img:
             for snap in self._user_snaps(img):
                 img.remove_snap(snap["name"])
+        self.settle(name)
         with translated(self._spec(name)):
             rbd.RBD().remove(self.ioctx(), name)
 
@@ -237,10 +270,12 @@ class RbdPool(StoragePool):
                 progress=progress,
                 total=image.virtual_size,
             )
+            self.settle(temp)
             with translated(self._spec(name)):
                 rbd.RBD().rename(self.ioctx(), temp, name)
         except BaseException:
             # best effort, the original error goes on; what stays is debris gc removes
+            self.settle(temp)
             with contextlib.suppress(SnapbackError), translated(self._spec(temp)):
                 rbd.RBD().remove(self.ioctx(), temp)
             raise
@@ -274,11 +309,11 @@ class RbdPool(StoragePool):
     ) -> BlockHandle:
         validate_name(name, "volume name")
         _, rbd = bindings()
+        closing.reap()
+        read_only = read_only or snapshot is not None
         with translated(self._spec(name, snapshot)):
-            img = rbd.Image(
-                self.ioctx(), name, snapshot=snapshot, read_only=read_only or snapshot is not None
-            )
-        return RbdHandle(img, self._spec(name, snapshot))
+            img = rbd.Image(self.ioctx(), name, snapshot=snapshot, read_only=read_only)
+        return RbdHandle(img, self._spec(name, snapshot), self._key(name), read_only)
 
     def attachment(self, name: str) -> Attachment:
         with self.image(name, read_only=True):
