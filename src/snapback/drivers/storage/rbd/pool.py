@@ -14,7 +14,6 @@ children read ``pool/volume`` like everywhere else.
 from __future__ import annotations
 
 import contextlib
-import os
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -24,11 +23,9 @@ from snapback.domain.errors import (
     HasDependents,
     InvalidInput,
     NotFound,
-    SnapbackError,
 )
 from snapback.domain.models import DiskFormat, ParentRef, Progress, SnapshotInfo, VolumeInfo
 from snapback.domain.names import validate_name
-from snapback.drivers.imagefmt import qemu_img
 from snapback.drivers.imagefmt.inspector import InspectedImage
 from snapback.drivers.storage.base import (
     Attachment,
@@ -39,7 +36,7 @@ from snapback.drivers.storage.base import (
     StoragePool,
     TrashEntry,
 )
-from snapback.drivers.storage.rbd import closing, housekeeping
+from snapback.drivers.storage.rbd import access, closing, housekeeping
 from snapback.drivers.storage.rbd.cluster import bindings, cluster, translated
 from snapback.drivers.storage.rbd.handle import RbdHandle
 from snapback.drivers.storage.rbd.housekeeping import IMPORT_SUFFIX
@@ -236,15 +233,7 @@ class RbdPool(StoragePool):
                 protected,
             )
 
-    def _target(self, name: str, snapshot: str | None = None) -> dict[str, str]:
-        """qemu-img's view of an image: the rbd protocol's options."""
-        opts = {"driver": "rbd", "pool": self.rados_pool, "image": name, "conf": self.conffile}
-        if self.namespace:
-            opts["namespace"] = self.namespace
-        if snapshot:
-            opts["snapshot"] = snapshot
-        return opts
-
+    # -- data in and out (rbd/access.py) ---------------------------------------------
     def import_volume(
         self,
         name: str,
@@ -254,32 +243,7 @@ class RbdPool(StoragePool):
         *,
         consume: bool = False,
     ) -> VolumeInfo:
-        """Write the file into a new image; made under a temporary name, renamed when whole."""
-        validate_name(name, "volume name")
-        if name in self.list_volumes():
-            raise Conflict(f"volume {self.name}/{name} already exists")
-        temp = name + IMPORT_SUFFIX
-        _, rbd = bindings()
-        self.create_volume(temp, image.virtual_size)
-        try:
-            qemu_img.convert_opts(
-                source,
-                image.format.value,
-                self._target(temp),
-                "raw",
-                progress=progress,
-                total=image.virtual_size,
-            )
-            self.settle(temp)
-            with translated(self._spec(name)):
-                rbd.RBD().rename(self.ioctx(), temp, name)
-        except BaseException:
-            # best effort, the original error goes on; what stays is debris gc removes
-            self.settle(temp)
-            with contextlib.suppress(SnapbackError), translated(self._spec(temp)):
-                rbd.RBD().remove(self.ioctx(), temp)
-            raise
-        return self.volume_info(name)
+        return access.import_volume(self, name, source, image, progress)
 
     def export_volume(
         self,
@@ -290,19 +254,10 @@ class RbdPool(StoragePool):
         snapshot: str | None = None,
         progress: ProgressFn | None = None,
     ) -> None:
-        if os.path.lexists(dest):
-            raise Conflict(f"{dest} already exists; refusing to overwrite it")
-        with self.image(name, snapshot=snapshot, read_only=True) as img:
-            size = int(img.size())
-        part = dest + ".part"
-        try:
-            qemu_img.convert_opts(
-                self._target(name, snapshot), "raw", part, fmt.value, progress=progress, total=size
-            )
-            os.replace(part, dest)
-        finally:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(part)
+        access.export_volume(self, name, dest, fmt, snapshot=snapshot, progress=progress)
+
+    def attachment(self, name: str) -> Attachment:
+        return access.attachment(self, name)
 
     def open(
         self, name: str, *, snapshot: str | None = None, read_only: bool = False
@@ -314,23 +269,6 @@ class RbdPool(StoragePool):
         with translated(self._spec(name, snapshot)):
             img = rbd.Image(self.ioctx(), name, snapshot=snapshot, read_only=read_only)
         return RbdHandle(img, self._spec(name, snapshot), self._key(name), read_only)
-
-    def attachment(self, name: str) -> Attachment:
-        with self.image(name, read_only=True):
-            pass  # exists
-        return Attachment(
-            "network", f"{self.where}/{name}", "raw", protocol="rbd", hosts=self._monitors()
-        )
-
-    def _monitors(self) -> tuple[tuple[str, int], ...]:
-        raw = str(cluster(self.conffile).conf_get("mon_host") or "")
-        hosts = []
-        for item in raw.replace("[", " ").replace("]", " ").replace(",", " ").split():
-            addr = item.split(":", 1)[1] if item.startswith(("v1:", "v2:")) else item
-            host, _, port = addr.rpartition(":")
-            if host and port.isdigit():
-                hosts.append((host, int(port)))
-        return tuple(dict.fromkeys(hosts))
 
     # -- snapshots -------------------------------------------------------------------
     @staticmethod
