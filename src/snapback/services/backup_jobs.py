@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from snapback.catalog.models import Image, Instance, Volume
 from snapback.domain.errors import InvalidInput, NotFound
@@ -17,6 +17,7 @@ from snapback.services.backup_capture import DiskPlan
 from snapback.services.context import Context
 
 QUIESCE = ("auto", "required", "off")
+Held = Literal["frozen", "paused"] | None  # how a running guest is held for its points
 BOOT_ROLES = {"kernel_id": "kernel", "ramdisk_id": "ramdisk"}
 BOOT_FORMATS = {"kernel_id": BootFileFormat.AKI, "ramdisk_id": BootFileFormat.ARI}
 
@@ -53,7 +54,7 @@ class Job:
             return f"instance {self.source['name']}"
         return f"{self.source['pool']}/{self.source['name']}"
 
-    def hold(self, op: journal.OpHandle, points: int) -> str | None:
+    def hold(self, op: journal.OpHandle, points: int) -> Held:
         """Stop the running guest's writes while its disks' points are taken: freeze
         its file systems when an agent answers (quiesced); otherwise pause it when the
         points are more than one action (several RBD snapshots, or a libvirt job and
@@ -76,7 +77,7 @@ class Job:
             return "paused"
         return None
 
-    def release(self, op: journal.OpHandle, held: str | None) -> None:
+    def release(self, op: journal.OpHandle, held: Held) -> None:
         if held is None:
             return
         assert self.domain is not None

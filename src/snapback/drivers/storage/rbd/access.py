@@ -48,6 +48,7 @@ def import_volume(
     temp = name + IMPORT_SUFFIX
     _, rbd = bindings()
     pool.create_volume(temp, image.virtual_size)
+    renamed = False
     try:
         qemu_img.convert_opts(
             source,
@@ -60,12 +61,12 @@ def import_volume(
         pool.settle(temp)
         with translated(pool._spec(name)):
             rbd.RBD().rename(pool.ioctx(), temp, name)
-    except BaseException:
-        # best effort, the original error goes on; what stays is debris gc removes
-        pool.settle(temp)
-        with contextlib.suppress(SnapbackError), translated(pool._spec(temp)):
-            rbd.RBD().remove(pool.ioctx(), temp)
-        raise
+        renamed = True
+    finally:
+        if not renamed:  # failed or interrupted: the error on its way out is the one told
+            pool.settle(temp)
+            with contextlib.suppress(SnapbackError), translated(pool._spec(temp)):
+                rbd.RBD().remove(pool.ioctx(), temp)  # else debris, which gc removes
     return pool.volume_info(name)
 
 

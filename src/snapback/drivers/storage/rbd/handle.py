@@ -20,6 +20,11 @@ class RbdHandle(BlockHandle):
             self._size = int(image.size())
 
     @property
+    def image(self) -> Any:
+        """The ``rbd.Image`` itself, for the driver's own calls."""
+        return self._img
+
+    @property
     def size(self) -> int:
         return self._size
 

@@ -49,7 +49,7 @@ def empty_trash(pool: RbdPool, *, expired_only: bool = True) -> list[str]:
             with translated(f"trashed image {pool.where}/{entry.name}"):
                 if not _drop_trashed_snaps(pool, entry.id):
                     continue  # a snapshot still has clones: it waits
-                pool.settle("id:" + entry.id)
+                pool.settle_trashed(entry.id)
                 rbd.RBD().trash_remove(pool.ioctx(), entry.id, force=not expired_only)
         except (Conflict, HasDependents):
             continue  # still has clones: it waits

@@ -14,7 +14,6 @@ children read ``pool/volume`` like everywhere else.
 from __future__ import annotations
 
 import contextlib
-import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -98,6 +97,10 @@ class RbdPool(StoragePool):
     def _key(self, volume: str) -> tuple[str, ...]:
         return (self.conffile, self.where, volume)
 
+    @staticmethod
+    def _id_key(image_id: str) -> str:
+        return "id:" + image_id  # a trashed image has no name; no name has a ':'
+
     def image(
         self, volume: str, *, snapshot: str | None = None, read_only: bool = False
     ) -> contextlib.AbstractContextManager[Any]:
@@ -113,26 +116,34 @@ class RbdPool(StoragePool):
     ) -> contextlib.AbstractContextManager[Any]:
         """A trashed image, which has only its id."""
         what = f"trashed image {self.where} id {image_id}"
-        key = "id:" + image_id
-        return self._opened(what, key, image_id=image_id, snapshot=snapshot, read_only=read_only)
+        return self._opened(
+            what, self._id_key(image_id), image_id=image_id, snapshot=snapshot, read_only=read_only
+        )
+
+    def _open(self, what: str, key: str, **how: Any) -> RbdHandle:
+        """Open an image (closed late: ``closing``); a snapshot is always read-only."""
+        _, rbd = bindings()
+        closing.reap()
+        how["read_only"] = bool(how.get("read_only")) or how.get("snapshot") is not None
+        with translated(what):
+            img = rbd.Image(self.ioctx(), **how)
+        return RbdHandle(img, what, self._key(key), how["read_only"])
 
     @contextlib.contextmanager
     def _opened(self, what: str, key: str, **how: Any) -> Iterator[Any]:
-        _, rbd = bindings()
-        closing.reap()
-        with translated(what):
-            img = rbd.Image(self.ioctx(), **how)
-        opened = time.monotonic()
+        handle = self._open(what, key, **how)
         try:
             with translated(what):
-                yield img
+                yield handle.image
         finally:
-            read_only = bool(how.get("read_only")) or how.get("snapshot") is not None
-            closing.close(img, opened, self._key(key), read_only=read_only)
+            handle.close()
 
     def settle(self, volume: str) -> None:
         """Close this process's late images of ``volume`` (before it must have no watcher)."""
         closing.settle(self._key(volume))
+
+    def settle_trashed(self, image_id: str) -> None:
+        closing.settle(self._key(self._id_key(image_id)))
 
     # -- volumes -------------------------------------------------------------------
     def create_volume(
@@ -263,12 +274,8 @@ class RbdPool(StoragePool):
         self, name: str, *, snapshot: str | None = None, read_only: bool = False
     ) -> BlockHandle:
         validate_name(name, "volume name")
-        _, rbd = bindings()
-        closing.reap()
-        read_only = read_only or snapshot is not None
-        with translated(self._spec(name, snapshot)):
-            img = rbd.Image(self.ioctx(), name, snapshot=snapshot, read_only=read_only)
-        return RbdHandle(img, self._spec(name, snapshot), self._key(name), read_only)
+        what = self._spec(name, snapshot)
+        return self._open(what, name, name=name, snapshot=snapshot, read_only=read_only)
 
     # -- snapshots -------------------------------------------------------------------
     @staticmethod
