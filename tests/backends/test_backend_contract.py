@@ -53,6 +53,21 @@ def test_objects_of_every_size_around_block_boundaries_read_back_whole(backend: 
         assert len(got) == n and got == bytes([i + 1]) * n, n
 
 
+def test_an_object_put_in_parts_reads_back_as_their_concatenation(backend: Backend) -> None:
+    """Chunks are stored as (header, payload): whatever the sizes, the object is the
+    parts end to end, written once like any other."""
+    cases = [
+        (b"\x01\x01\x00\x40\x00\x00", os.urandom(70_000)),  # a chunk-sized object
+        (b"h", b"", os.urandom(5000), b"tail"),  # small: the buffered path
+        (b"a" * 4095, b"b" * (4 << 20) + b"c"),  # across the 4 KiB alignment
+    ]
+    for i, parts in enumerate(cases):
+        assert backend.put_parts(f"chunks/p{i}/x", parts) is True
+        assert backend.get(f"chunks/p{i}/x") == b"".join(parts)
+    assert backend.put_parts("chunks/p0/x", (b"other",)) is False
+    assert backend.get("chunks/p0/x") == b"".join(cases[0])
+
+
 def test_list_by_prefix(backend: Backend) -> None:
     for key in ("chunks/aa/1", "chunks/ab/2", "indexes/x", "config"):
         backend.put(key, key.encode())

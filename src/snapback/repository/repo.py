@@ -167,7 +167,7 @@ class Repository:
             return cid, False
         if repairs:
             self.backend.delete(f"quarantine/{cid}")
-        written = self.backend.put(key, self.sealer.seal(CHUNK, key, data))
+        written = self.backend.put_parts(key, self.sealer.seal_parts(CHUNK, key, data))
         if not written:  # appeared meanwhile (another backup): it is fresh
             return cid, False
         return cid, True

@@ -140,6 +140,13 @@ class Sealer:
         return hashlib.sha256(plain).hexdigest()
 
     def seal(self, kind: int, name: str, plain: bytes | bytearray | memoryview) -> bytes:
+        return b"".join(self.seal_parts(kind, name, plain))
+
+    def seal_parts(
+        self, kind: int, name: str, plain: bytes | bytearray | memoryview
+    ) -> tuple[bytes, ...]:
+        """The sealed object as pieces to be stored one after the other: a chunk's
+        compressed payload is not copied again just to put its header in front."""
         if len(plain) > MAX_PLAIN:
             raise RepositoryError(f"object {name} is too large ({len(plain)} bytes)")
         payload = self._compressor().compress(plain)
@@ -148,9 +155,9 @@ class Sealer:
             flags |= FLAG_ENCRYPTED
         header = HEADER.pack(kind, flags, len(plain))
         if self._aead is None:
-            return header + payload
+            return header, payload
         nonce = os.urandom(NONCE)
-        return header + nonce + self._aead.encrypt(nonce, payload, header + name.encode())
+        return header, nonce, self._aead.encrypt(nonce, payload, header + name.encode())
 
     def _unwrap(self, kind: int, name: str, blob: bytes, max_plain: int) -> tuple[int, int, bytes]:
         """Check the header and, when encrypted, authenticate and decrypt: (flags, declared

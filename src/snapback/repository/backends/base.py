@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import abc
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 from snapback.domain.errors import InvalidInput, StorageError
@@ -51,6 +51,12 @@ class Backend(abc.ABC):
         Returns False (and stores nothing) when the key exists and ``overwrite``
         is False; True when written.
         """
+
+    def put_parts(self, key: str, parts: Sequence[bytes], *, overwrite: bool = False) -> bool:
+        """``put`` of the parts' concatenation. A backend that can write the parts
+        without joining them first (a folder: straight into its aligned buffer)
+        overrides this and saves a copy of every chunk."""
+        return self.put(key, b"".join(parts), overwrite=overwrite)
 
     @abc.abstractmethod
     def get(self, key: str) -> bytes:
