@@ -35,10 +35,13 @@ from pathlib import Path
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 
+import throwaway_ceph  # bench/ is on sys.path when run as a script
+
 from snapback.config import load_settings
 from snapback.domain.sizes import format_size, parse_size
 from snapback.drivers.imagefmt import qemu_img
 from snapback.drivers.storage.rbd import RbdPool
+from snapback.drivers.storage.rbd import access as rbd_access
 from snapback.services.catalog_queries import live_volume
 from snapback.services.context import Context
 from snapback.services.image_create import ImageCreateService
@@ -97,7 +100,7 @@ def run_size(ctx: Context, conf: str, size: int, runs: int, tmp: Path) -> dict[s
         res["copy"].append(
             timed(
                 lambda t=target: qemu_img.convert_opts(
-                    pool._target(root), "raw", img_pool._target(t), "raw"
+                    rbd_access.target(pool, root), "raw", rbd_access.target(img_pool, t), "raw"
                 )
             )
         )
@@ -121,14 +124,7 @@ def main() -> None:
     home = Path(tempfile.mkdtemp(prefix="snapback-bench-", dir="/var/tmp"))
     home.chmod(0o755)
     try:
-        env = subprocess.run(
-            [str(ROOT / "scripts" / "ceph.sh"), "start", str(cdir)],
-            check=True,
-            capture_output=True,
-            text=True,
-            env={**os.environ, "SNAPBACK_CEPH_MEMSTORE_BYTES": str(12 << 30)},
-        ).stdout
-        conf = dict(line.split("=", 1) for line in env.splitlines() if "=" in line)["CEPH_CONF"]
+        conf = throwaway_ceph.start(cdir, 12 << 30)
         (home / "snapback.toml").write_text(
             f'[pools.default]\ndriver = "rbd"\nconf = "{conf}"\npool = "rbd"\n'
             f'[pools.images]\ndriver = "rbd"\nconf = "{conf}"\npool = "images"\n'
@@ -138,7 +134,7 @@ def main() -> None:
         for inst in InstanceService(ctx).list_instances():
             InstanceService(ctx).delete(inst.name)
     finally:
-        subprocess.run([str(ROOT / "scripts" / "ceph.sh"), "stop", str(cdir)], check=False)
+        throwaway_ceph.stop(cdir)
         shutil.rmtree(home, ignore_errors=True)
     if args.json:
         print(json.dumps(rows, indent=2))

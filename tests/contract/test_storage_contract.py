@@ -235,3 +235,31 @@ def test_large_reads_and_writes(pool: StoragePool) -> None:
     data = bytes(range(256)) * (40 * MIB // 256)
     write(pool, "big", 8 * MIB, data)
     assert read(pool, "big", 8 * MIB, len(data)) == data
+
+
+def test_a_handle_taking_parallel_reads_gives_each_thread_its_own_bytes(
+    pool: StoragePool,
+) -> None:
+    """Backup workers read a snapshot from several threads when its handle says it can
+    (local chains, RBD): every chunk read that way is the one a single reader gets,
+    while the volume itself is being written."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    pool.create_volume("v", SIZE)
+    for n in range(SIZE // MIB):
+        write(pool, "v", n * MIB, bytes([n + 1]) * (MIB - 512) + bytes(512))
+    pool.create_snapshot("v", "s")
+    write(pool, "v", 0, b"z" * SIZE)  # the live volume moves on; the snapshot does not
+    with pool.open("v", snapshot="s") as handle:
+        assert handle.parallel_reads, f"{pool.driver} snapshots are read by one thread"
+
+        def chunk(n: int) -> bytes:
+            buf = bytearray(MIB)
+            handle.read_into(n * MIB, buf)
+            return bytes(buf)
+
+        with ThreadPoolExecutor(8) as workers:
+            got = list(workers.map(chunk, [n % (SIZE // MIB) for n in range(4 * SIZE // MIB)]))
+    for i, data in enumerate(got):
+        n = i % (SIZE // MIB)
+        assert data == bytes([n + 1]) * (MIB - 512) + bytes(512), n

@@ -5,16 +5,25 @@ from __future__ import annotations
 import time
 from typing import Any
 
+from snapback.domain.errors import StorageError
 from snapback.drivers.storage.base import BlockHandle
 from snapback.drivers.storage.rbd import closing
 from snapback.drivers.storage.rbd.cluster import translated
 
 MAX_REQUEST = 64 << 20
+# Read-only handles take reads from several threads; False: one reader, in disk
+# order (bench/rbd_backup.py compares the two).
+PARALLEL_READS = True
 
 
 class RbdHandle(BlockHandle):
+    """One open image. A read-only one takes reads from several threads at once:
+    librbd serves concurrent I/O on one image, and the binding releases the GIL
+    around each ``rbd_read2``, so backup workers each wait on their own OSD requests."""
+
     def __init__(self, image: Any, what: str, key: tuple[str, ...], read_only: bool) -> None:
         self._img, self._what, self._key, self._read_only = image, what, key, read_only
+        self.parallel_reads = read_only and PARALLEL_READS
         self._opened = time.monotonic()
         with translated(what):
             self._size = int(image.size())
@@ -35,6 +44,18 @@ class RbdHandle(BlockHandle):
                 n = min(MAX_REQUEST, offset + length - off)
                 out += self._img.read(off, n)
         return bytes(out)
+
+    def read_into(self, offset: int, buf: bytearray | memoryview) -> None:
+        if len(buf) > MAX_REQUEST:
+            super().read_into(offset, buf)
+            return
+        with translated(self._what):
+            data = self._img.read(offset, len(buf))
+        if len(data) != len(buf):
+            raise StorageError(
+                f"short read from {self._what}: {len(data)} of {len(buf)} bytes at {offset}"
+            )
+        buf[:] = data
 
     def write(self, offset: int, data: bytes) -> None:
         view = memoryview(data)
