@@ -38,19 +38,16 @@ class RbdHandle(BlockHandle):
         return self._size
 
     def read(self, offset: int, length: int) -> bytes:
-        out = bytearray()
         with translated(self._what):
+            if length <= MAX_REQUEST:
+                return bytes(self._img.read(offset, length))
+            out = bytearray()
             for off in range(offset, offset + length, MAX_REQUEST):
-                n = min(MAX_REQUEST, offset + length - off)
-                out += self._img.read(off, n)
+                out += self._img.read(off, min(MAX_REQUEST, offset + length - off))
         return bytes(out)
 
     def read_into(self, offset: int, buf: bytearray | memoryview) -> None:
-        if len(buf) > MAX_REQUEST:
-            super().read_into(offset, buf)
-            return
-        with translated(self._what):
-            data = self._img.read(offset, len(buf))
+        data = self.read(offset, len(buf))
         if len(data) != len(buf):
             raise StorageError(
                 f"short read from {self._what}: {len(data)} of {len(buf)} bytes at {offset}"
