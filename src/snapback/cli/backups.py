@@ -1,4 +1,6 @@
-"""``snapback repo ...`` and ``snapback backup ...``"""
+"""``snapback backup ...``, the ``repo`` group with ``repo init``, and the options
+and helpers every repository command shares (the other ``repo`` commands:
+repo_maintenance.py, repo_admin.py)."""
 
 from __future__ import annotations
 
@@ -49,6 +51,16 @@ def open_repo(url: str, secret: str | None) -> Repository:
     from snapback.repository.repo import Repository, open_backend
 
     return Repository.open(open_backend(url), secret)
+
+
+def delete_backups(r: Repository, repo_url: str, backup_ids: list[str]) -> None:
+    """Delete each backup's record from the repository, then its catalogue entry."""
+    from snapback.services import backup_catalog
+
+    ctx = context(click.get_current_context())
+    for backup_id in backup_ids:
+        r.delete_record(backup_id)
+        backup_catalog.forget(ctx, repo_url, backup_id)
 
 
 def source_label(r: dict[str, Any]) -> str:
@@ -241,13 +253,7 @@ def restore(
     svc, secret = service(), passphrase(passphrase_file)
     if (to_volume is None) == (to_instance is None):
         raise InvalidInput("give either --to-volume NAME or --to-instance NAME")
-    if (backup_id is None) == (at is None):
-        raise InvalidInput("give either BACKUP or --at TIME (with --of VOLUME)")
-    if at is not None:
-        if not source:
-            raise InvalidInput("--at needs --of VOLUME: which volume's backups to pick from")
-        backup_id = svc.pick(repo_url, source, parse_time(at), secret)
-    assert backup_id is not None
+    backup_id = chosen_backup(svc, repo_url, backup_id, at, source, secret)
     with progress_bar("restore", fmt) as bar:
         if to_instance is not None:
             out = svc.restore_instance(
@@ -267,6 +273,25 @@ def restored_instance_text(o: dict[str, Any]) -> str:
     disks = ", ".join(f"{d['target']}={d['volume']}" for d in o["disks"])
     text = f"restored {o['backup']} into instance {o['instance']} ({o['status']}): {disks}"
     return text + (f"\nnote: {o['note']}" if o.get("note") else "")
+
+
+def chosen_backup(
+    svc: BackupService,
+    repo_url: str,
+    backup_id: str | None,
+    at: str | None,
+    source: str | None,
+    secret: str | None,
+) -> str:
+    """BACKUP, or with --at TIME the last backup of --of VOLUME taken at or before it."""
+    if (backup_id is None) == (at is None):
+        raise InvalidInput("give either BACKUP or --at TIME (with --of VOLUME)")
+    if at is None:
+        assert backup_id is not None
+        return backup_id
+    if not source:
+        raise InvalidInput("--at needs --of VOLUME: which volume's backups to pick from")
+    return svc.pick(repo_url, source, parse_time(at), secret)
 
 
 def parse_time(text: str) -> float:
@@ -314,133 +339,6 @@ def verify(
 @FORMAT_OPTION
 def delete(backup_id: str, repo_url: str, passphrase_file: str | None, fmt: str) -> None:
     """Delete a backup record; 'repo gc' then frees what nothing else references."""
-    from snapback.services import backup_catalog
-
     repo = service().open_repo(repo_url, passphrase(passphrase_file))
-    repo.delete_record(backup_id)
-    backup_catalog.forget(context(click.get_current_context()), repo_url, backup_id)
+    delete_backups(repo, repo_url, [backup_id])
     emit(fmt, {"backup": backup_id, "result": "deleted"}, lambda r: f"{backup_id}: deleted")
-
-
-@repo.command("gc")
-@click.argument("repo_url", metavar="REPO")
-@click.option("--dry-run", is_flag=True, help="Only report what would be removed.")
-@PASSPHRASE_OPTION
-@FORMAT_OPTION
-def repo_gc(repo_url: str, dry_run: bool, passphrase_file: str | None, fmt: str) -> None:
-    """Remove chunks and indexes no backup references (never while a backup runs)."""
-    from snapback.repository.maintenance import gc
-
-    r = open_repo(repo_url, passphrase(passphrase_file))
-    report = gc(r, dry_run=dry_run)
-    emit(
-        fmt,
-        report,
-        lambda g: (
-            f"{g.backups} backups reference {g.referenced_chunks} chunks; "
-            f"{g.unreferenced_chunks} chunks and {g.unreferenced_indexes} indexes unreferenced "
-            f"({human_size(g.freed_bytes)}): " + ("removed" if g.removed else f"kept ({g.skipped})")
-        ),
-    )
-
-
-@repo.command("check")
-@click.argument("repo_url", metavar="REPO")
-@click.option("--read-data", is_flag=True, help="Read, authenticate and hash every chunk.")
-@PASSPHRASE_OPTION
-@FORMAT_OPTION
-def repo_check(repo_url: str, read_data: bool, passphrase_file: str | None, fmt: str) -> None:
-    """Check every backup; name each missing or damaged object and the backups it breaks
-    (exit 8)."""
-    from snapback.repository.maintenance import check
-
-    r = open_repo(repo_url, passphrase(passphrase_file))
-    report = check(r, read_data=read_data)
-    emit(
-        fmt,
-        report,
-        lambda c: (
-            f"{c.backups} backups, {c.chunks} chunks, {c.unreferenced} unreferenced: "
-            + ("ok" if not c.problems else "PROBLEMS")
-            + "".join(f"\n  {p}" for p in c.problems)
-        ),
-    )
-    if report.problems:
-        raise SystemExit(EXIT_DAMAGED)
-
-
-@repo.command("sync")
-@click.argument("repo_url", metavar="REPO")
-@click.argument("other_url", metavar="OTHER_REPO")
-@PASSPHRASE_OPTION
-@FORMAT_OPTION
-def repo_sync(repo_url: str, other_url: str, passphrase_file: str | None, fmt: str) -> None:
-    """Copy to OTHER_REPO (the offsite copy) the chunks, indexes and backups it lacks."""
-    from snapback.repository.maintenance import sync
-
-    secret = passphrase(passphrase_file)
-    report = sync(
-        open_repo(repo_url, secret),
-        open_repo(other_url, secret),
-    )
-    emit(
-        fmt,
-        report,
-        lambda r: (
-            f"copied {r.copied or 'nothing'} ({human_size(r.copied_bytes)}); "
-            f"{r.present} already there"
-        ),
-    )
-
-
-@repo.command("prune")
-@click.argument("repo_url", metavar="REPO")
-@click.option("--keep-last", type=int, default=0, help="Keep the N newest backups of each source.")
-@click.option("--keep-hourly", type=int, default=0)
-@click.option("--keep-daily", type=int, default=0)
-@click.option("--keep-weekly", type=int, default=0)
-@click.option("--keep-monthly", type=int, default=0)
-@click.option("--keep-yearly", type=int, default=0)
-@click.option("--dry-run", is_flag=True, help="Only say what would be kept and removed.")
-@PASSPHRASE_OPTION
-@FORMAT_OPTION
-def repo_prune(
-    repo_url: str,
-    keep_last: int,
-    keep_hourly: int,
-    keep_daily: int,
-    keep_weekly: int,
-    keep_monthly: int,
-    keep_yearly: int,
-    dry_run: bool,
-    passphrase_file: str | None,
-    fmt: str,
-) -> None:
-    """Remove the backups no --keep-* rule keeps (per source), then gc the repository."""
-    from snapback.repository.maintenance import gc
-    from snapback.repository.prune import Policy, plan
-
-    policy = Policy(keep_last, keep_hourly, keep_daily, keep_weekly, keep_monthly, keep_yearly)
-    if policy.empty():
-        raise InvalidInput("give at least one --keep-* rule (prune never empties a repository)")
-    r = open_repo(repo_url, passphrase(passphrase_file))
-    records = [r.get_record(b) for b in r.backup_ids()]
-    decided = plan(records, policy)
-    freed = None
-    if not dry_run:
-        from snapback.services import backup_catalog
-
-        ctx = context(click.get_current_context())
-        for backup_id in decided.remove:
-            r.delete_record(backup_id)
-            backup_catalog.forget(ctx, repo_url, backup_id)
-        freed = gc(r)
-    out = {"keep": decided.keep, "remove": decided.remove, "dry_run": dry_run, "gc": freed}
-    emit(
-        fmt,
-        out,
-        lambda o: "\n".join(
-            [f"keep   {k} ({', '.join(why)})" for k, why in sorted(o["keep"].items())]
-            + [f"{'would remove' if dry_run else 'removed'} {k}" for k in o["remove"]]
-        ),
-    )

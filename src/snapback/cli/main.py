@@ -77,14 +77,24 @@ def context(click_ctx: click.Context) -> Context:
 
 
 def _register() -> None:
-    from snapback.cli import backups, gc, images, instances, repo_admin, snapshots, tour, volumes
+    from snapback.cli import (
+        backups,
+        gc,
+        images,
+        instances,
+        repo_admin,
+        repo_maintenance,
+        snapshots,
+        tour,
+        volumes,
+    )
 
     cli.add_command(volumes.volume)
     cli.add_command(snapshots.snapshot)
     cli.add_command(images.image)
     cli.add_command(instances.instance)
     cli.add_command(backups.repo)
-    for command in repo_admin.COMMANDS:
+    for command in (*repo_maintenance.COMMANDS, *repo_admin.COMMANDS):
         backups.repo.add_command(command)
     cli.add_command(backups.backup)
     cli.add_command(gc.gc)

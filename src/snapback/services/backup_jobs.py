@@ -133,36 +133,21 @@ def instance_job(ctx: Context, name: str, quiesce: str) -> Job:
             "'snapback gc' restores what a crash left behind"
         )
     running = state in (DomainState.RUNNING, DomainState.PAUSED)
-    with ctx.sessions() as s:
-        row = s.get(Instance, inst.id)
-        assert row is not None
-        disks: list[tuple[str, Volume]] = []
-        for d in row.disks:
-            vol = s.get(Volume, d.volume_id)
-            assert vol is not None
-            disks.append((d.target, vol))
-        roots = {d.target: d.root for d in row.disks}
-        img = s.get(Image, row.image_id) if row.image_id else None
-        image: dict[str, Any] | None = (
-            {"id": img.id, "name": img.name, "properties": {p.key: p.value for p in img.properties}}
-            if img is not None
-            else None
-        )
-        memory, vcpus = row.memory_mib, row.vcpus
-        boot_refs, cmdline = _boot_refs(row, image)
+    found = _catalogued(ctx, inst.id)
+    disks = found.disks
     local = [v.name for _, v in disks if ctx.pool(v.pool).tracks_changes_by == "bitmap"]
     if running and quiesce == "required":
         ops.agent_ping(hv, inst.domain_name)
     definition = {
         "name": inst.name,
         "id": inst.id,
-        "memory_mib": memory,
-        "vcpus": vcpus,
-        "image": image,
-        "disks": [{"target": t, "volume": v.name, "root": roots[t]} for t, v in disks],
+        "memory_mib": found.memory_mib,
+        "vcpus": found.vcpus,
+        "image": found.image,
+        "disks": [{"target": t, "volume": v.name, "root": found.roots[t]} for t, v in disks],
         "domain_xml": hv.xml(inst.domain_name),
         "state": str(state),
-        "cmdline": cmdline,
+        "cmdline": found.cmdline,
     }
     return Job(
         kind="instance",
@@ -175,8 +160,48 @@ def instance_job(ctx: Context, name: str, quiesce: str) -> Job:
         instance=definition,
         hypervisor=hv,
         live_local=running and bool(local),
-        boot=_boot_files(ctx, boot_refs),
+        boot=_boot_files(ctx, found.boot_refs),
     )
+
+
+@dataclass(frozen=True)
+class _Catalogued:
+    """What the catalogue holds of an instance, read in one session."""
+
+    disks: list[tuple[str, Volume]]
+    roots: dict[str, bool]
+    image: dict[str, Any] | None
+    memory_mib: int
+    vcpus: int
+    boot_refs: dict[str, str]
+    cmdline: str
+
+
+def _catalogued(ctx: Context, instance_id: str) -> _Catalogued:
+    with ctx.sessions() as s:
+        row = s.get(Instance, instance_id)
+        assert row is not None
+        disks: list[tuple[str, Volume]] = []
+        for d in row.disks:
+            vol = s.get(Volume, d.volume_id)
+            assert vol is not None
+            disks.append((d.target, vol))
+        img = s.get(Image, row.image_id) if row.image_id else None
+        image: dict[str, Any] | None = (
+            {"id": img.id, "name": img.name, "properties": {p.key: p.value for p in img.properties}}
+            if img is not None
+            else None
+        )
+        boot_refs, cmdline = _boot_refs(row, image)
+        return _Catalogued(
+            disks=disks,
+            roots={d.target: d.root for d in row.disks},
+            image=image,
+            memory_mib=row.memory_mib,
+            vcpus=row.vcpus,
+            boot_refs=boot_refs,
+            cmdline=cmdline,
+        )
 
 
 def _boot_refs(row: Instance, image: dict[str, Any] | None) -> tuple[dict[str, str], str]:

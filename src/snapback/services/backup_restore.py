@@ -94,16 +94,7 @@ def restore_instance(
                 f"{'and ramdisk ' if boot.ramdisk_id else ''}stored with the backup "
                 f"(images {name}-kernel{f', {name}-ramdisk' if boot.ramdisk_id else ''})"
             )
-        disks: list[tuple[str, str, bool]] = []
-        roots = {d["target"]: bool(d.get("root")) for d in defn.get("disks", [])}
-        for entry in record["disks"]:
-            target = str(entry.get("target", "vda"))
-            root = roots.get(target, target == "vda")
-            vol_name = f"{name}-root" if root else f"{name}-{target}"
-            vol_id, chunks = restore_disk(ctx, repo, backup_id, entry, vol_name, pool, progress)
-            op.step(f"volume-{target}", volume_id=vol_id)
-            disks.append((target, vol_id, root))
-            volumes.append({"target": target, "volume": f"{pool}/{vol_name}", "chunks": chunks})
+        disks = _restore_disks(ctx, repo, record, name, pool, op, volumes, progress)
         view = InstanceService(ctx).adopt(
             name,
             disks,
@@ -122,6 +113,32 @@ def restore_instance(
         "image": image_id,
         "note": note,
     }
+
+
+def _restore_disks(
+    ctx: Context,
+    repo: Repository,
+    record: dict[str, Any],
+    name: str,
+    pool: str,
+    op: journal.OpHandle,
+    volumes: list[dict[str, Any]],
+    progress: ProgressFn | None,
+) -> list[tuple[str, str, bool]]:
+    """Each disk of an instance backup into its new volume, ``<name>-root`` or
+    ``<name>-<target>``; (target, volume id, root) of each, and what ``volumes``
+    reports of them."""
+    disks: list[tuple[str, str, bool]] = []
+    roots = {d["target"]: bool(d.get("root")) for d in record["instance"].get("disks", [])}
+    for entry in record["disks"]:
+        target = str(entry.get("target", "vda"))
+        root = roots.get(target, target == "vda")
+        vol_name = f"{name}-root" if root else f"{name}-{target}"
+        vol_id, chunks = restore_disk(ctx, repo, record["id"], entry, vol_name, pool, progress)
+        op.step(f"volume-{target}", volume_id=vol_id)
+        disks.append((target, vol_id, root))
+        volumes.append({"target": target, "volume": f"{pool}/{vol_name}", "chunks": chunks})
+    return disks
 
 
 def _restore_boot(

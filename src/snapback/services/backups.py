@@ -147,29 +147,53 @@ class BackupService:
                 for target, vol in job.disks
             ]
             op.step("snapping", disks=[p.to_json() for p in plans])
-            disks: list[dict[str, Any]] = []
-            totals = {"read_bytes": 0, "new_chunks": 0, "new_bytes": 0, "reused_chunks": 0}
-            with backup_points(self.ctx, op, job, plans) as points:
-                for plan in plans:
-                    disk, got = self._store_disk(repo, plan, points, progress)
-                    disks.append(disk)
-                    totals = {k: totals[k] + got[k] for k in totals}
+            disks, totals = self._store_disks(repo, op, job, plans, progress)
             boot_files = _store_boot_files(repo, job)
             stats: dict[str, Any] = {**totals, "seconds": round(time.monotonic() - started, 3)}
             record = job.record(backup_id, parent, plans, disks, stats)
             if boot_files:
                 record["boot_files"] = boot_files
             lock_held()  # gc must not have swept while we wrote chunks
-            repo.put_record(record)
-            entry = backup_catalog.entry_of(repo_url, repo.config.id, record)
-            op.step("recorded", catalog=entry)  # recovery catalogues it from here
-            for plan in plans:
-                cap.finish(self.ctx, plan, backup_id)
-            op.step("rotated")
-            # still under the volume locks: gc never sees this backup's bitmap or diff-base
-            # snapshot unexplained
-            backup_catalog.record_entry(self.ctx, entry)
+            self._commit(repo, repo_url, op, plans, record)
         return record
+
+    def _store_disks(
+        self,
+        repo: Repository,
+        op: journal.OpHandle,
+        job: Job,
+        plans: list[cap.DiskPlan],
+        progress: ProgressFn | None,
+    ) -> tuple[list[dict[str, Any]], dict[str, int]]:
+        """Take the points in time, then store each disk: (disks for the record, totals)."""
+        disks: list[dict[str, Any]] = []
+        totals = {"read_bytes": 0, "new_chunks": 0, "new_bytes": 0, "reused_chunks": 0}
+        with backup_points(self.ctx, op, job, plans) as points:
+            for plan in plans:
+                disk, got = self._store_disk(repo, plan, points, progress)
+                disks.append(disk)
+                totals = {k: totals[k] + got[k] for k in totals}
+        return disks, totals
+
+    def _commit(
+        self,
+        repo: Repository,
+        repo_url: str,
+        op: journal.OpHandle,
+        plans: list[cap.DiskPlan],
+        record: dict[str, Any],
+    ) -> None:
+        """Write the record (the backup exists from here), keep this backup's bases and
+        drop the parent's, then catalogue it; the caller still holds the volume locks."""
+        repo.put_record(record)
+        entry = backup_catalog.entry_of(repo_url, repo.config.id, record)
+        op.step("recorded", catalog=entry)  # recovery catalogues it from here
+        for plan in plans:
+            cap.finish(self.ctx, plan, str(record["id"]))
+        op.step("rotated")
+        # still under the volume locks: gc never sees this backup's bitmap or diff-base
+        # snapshot unexplained
+        backup_catalog.record_entry(self.ctx, entry)
 
     def _parent(self, repo: Repository, key: str, value: str) -> dict[str, Any] | None:
         """The newest backup of this source. Backup ids begin with their UTC creation

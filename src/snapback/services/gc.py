@@ -313,48 +313,56 @@ class GcService:
         self._orphan_trackers(report, dry_run, busy, list(known.values()))
         self._orphan_diff_bases(report, dry_run, busy)
         for pool_name in self.ctx.settings.pools:
-            driver = self.ctx.pool(pool_name)
-            for storage in driver.list_volumes():
-                vol = known.get((pool_name, storage))
-                if vol is None:
-                    if storage not in busy:
-                        self._orphan(
-                            report,
-                            dry_run,
-                            f"{pool_name}/{storage}",
-                            "volume no catalogue entry explains",
-                            partial(driver.delete_volume, storage),
-                        )
-                    continue
-                for snap in driver.list_snapshots(storage):
-                    if (vol.id, snap.name) not in snaps and snap.name not in busy:
-                        self._orphan(
-                            report,
-                            dry_run,
-                            f"{pool_name}/{storage}@{snap.name}",
-                            "snapshot no catalogue entry explains",
-                            partial(drop_snapshot, driver, storage, snap.name),
-                        )
-            for item in driver.find_debris():
-                self._orphan(
-                    report,
-                    dry_run,
-                    item.path,
-                    item.reason,
-                    partial(driver.remove_debris, item),
-                )
-            present = set(driver.list_volumes()) | {e.name for e in driver.trash()}
-            for (pool, storage), vol in known.items():
-                if (
-                    pool == pool_name
-                    and storage not in present
-                    and vol.id not in busy
-                    and vol.status != VolumeStatus.CREATING
-                ):
-                    report.problems.append(
-                        f"volume {pool}/{vol.name} is catalogued but its "
-                        f"storage {storage} is missing"
+            self._orphans_in_pool(report, dry_run, pool_name, known, snaps, busy)
+
+    def _orphans_in_pool(
+        self,
+        report: GcReport,
+        dry_run: bool,
+        pool_name: str,
+        known: dict[tuple[str, str], Volume],
+        snaps: set[tuple[str, str]],
+        busy: set[str],
+    ) -> None:
+        """Volumes, snapshots and debris of one pool that no catalogue entry explains;
+        catalogued volumes whose storage is missing are reported, not touched."""
+        driver = self.ctx.pool(pool_name)
+        for storage in driver.list_volumes():
+            vol = known.get((pool_name, storage))
+            if vol is None:
+                if storage not in busy:
+                    self._orphan(
+                        report,
+                        dry_run,
+                        f"{pool_name}/{storage}",
+                        "volume no catalogue entry explains",
+                        partial(driver.delete_volume, storage),
                     )
+                continue
+            for snap in driver.list_snapshots(storage):
+                if (vol.id, snap.name) not in snaps and snap.name not in busy:
+                    self._orphan(
+                        report,
+                        dry_run,
+                        f"{pool_name}/{storage}@{snap.name}",
+                        "snapshot no catalogue entry explains",
+                        partial(drop_snapshot, driver, storage, snap.name),
+                    )
+        for item in driver.find_debris():
+            self._orphan(
+                report, dry_run, item.path, item.reason, partial(driver.remove_debris, item)
+            )
+        present = set(driver.list_volumes()) | {e.name for e in driver.trash()}
+        for (pool, storage), vol in known.items():
+            if (
+                pool == pool_name
+                and storage not in present
+                and vol.id not in busy
+                and vol.status != VolumeStatus.CREATING
+            ):
+                report.problems.append(
+                    f"volume {pool}/{vol.name} is catalogued but its storage {storage} is missing"
+                )
 
     def _orphan(
         self, report: GcReport, dry_run: bool, what: str, reason: str, remove: Callable[[], object]

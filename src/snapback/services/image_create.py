@@ -28,7 +28,7 @@ from pathlib import Path
 
 from sqlalchemy import select
 
-from snapback.catalog.models import Image, ImageProperty, InstanceDisk, Volume
+from snapback.catalog.models import Image, ImageProperty, Instance, InstanceDisk, Volume
 from snapback.domain.errors import InvalidInput
 from snapback.domain.models import DiskFormat, ImageStatus, Progress
 from snapback.domain.names import validate_name
@@ -71,6 +71,15 @@ class Plan:
     quiesce: str  # auto | required | off, after the base image's os_require_quiesce
 
 
+@dataclass(frozen=True)
+class _RootDisk:
+    target: str
+    volume_id: str
+    pool: str
+    storage_name: str
+    base_props: dict[str, str]  # the base image's properties ({} without one)
+
+
 class ImageCreateService:
     def __init__(self, ctx: Context) -> None:
         self.ctx = ctx
@@ -84,6 +93,33 @@ class ImageCreateService:
         if quiesce not in QUIESCE:
             raise InvalidInput(f"unknown quiesce setting {quiesce!r} (use {', '.join(QUIESCE)})")
         inst = self.instances.find(instance)
+        root = self._root_disk(inst, instance)
+        running = self._is_running(inst, instance)
+        direct = rbd_flow.same_cluster(self.ctx, root.pool, self.ctx.settings.image_pool)
+        on_rbd = self.ctx.settings.pools[root.pool].driver == "rbd"
+        flow, reason = self._pick_flow(mode, running, instance, direct, on_rbd)
+        if root.base_props.get("os_require_quiesce", "").lower() in ("yes", "true", "1"):
+            quiesce = "off" if quiesce == "off" else "required"
+        if running:
+            self._preflight(inst.domain_name, root.target, quiesce)
+        return Plan(
+            inst.id,
+            inst.name,
+            inst.domain_name,
+            root.target,
+            root.volume_id,
+            root.pool,
+            root.storage_name,
+            inst.image_id,
+            root.base_props,
+            running,
+            flow,
+            reason,
+            quiesce,
+        )
+
+    def _root_disk(self, inst: Instance, instance: str) -> _RootDisk:
+        """The instance's root disk and its base image's properties, from the catalogue."""
         with self.ctx.sessions() as s:
             root = s.scalars(
                 select(InstanceDisk).where(
@@ -96,39 +132,24 @@ class ImageCreateService:
             assert vol is not None
             base = s.get(Image, inst.image_id) if inst.image_id else None
             base_props = {p.key: p.value for p in base.properties} if base else {}
-            target, vol_id, pool, storage = root.target, vol.id, vol.pool, vol.storage_name
-        hv = self.ctx.hypervisor
-        state = hv.state(inst.domain_name)
+            return _RootDisk(root.target, vol.id, vol.pool, vol.storage_name, base_props)
+
+    def _is_running(self, inst: Instance, instance: str) -> bool:
+        """Whether the guest runs (or is paused); its domain must exist."""
+        state = self.ctx.hypervisor.state(inst.domain_name)
         if state is DomainState.MISSING:
             raise InvalidInput(
                 f"instance {instance} has no libvirt domain {inst.domain_name}; "
                 "'snapback gc' restores what a crash left behind"
             )
-        running = state in (DomainState.RUNNING, DomainState.PAUSED)
-        direct = rbd_flow.same_cluster(self.ctx, pool, self.ctx.settings.image_pool)
-        on_rbd = self.ctx.settings.pools[pool].driver == "rbd"
-        flow, reason = self._pick_flow(mode, running, instance, direct, on_rbd)
-        if base_props.get("os_require_quiesce", "").lower() in ("yes", "true", "1"):
-            quiesce = "off" if quiesce == "off" else "required"
-        if running:
-            ops.ensure_no_block_job(hv, inst.domain_name, target)
-            if quiesce == "required":
-                ops.agent_ping(hv, inst.domain_name)
-        return Plan(
-            inst.id,
-            inst.name,
-            inst.domain_name,
-            target,
-            vol_id,
-            pool,
-            storage,
-            inst.image_id,
-            base_props,
-            running,
-            flow,
-            reason,
-            quiesce,
-        )
+        return state in (DomainState.RUNNING, DomainState.PAUSED)
+
+    def _preflight(self, domain: str, target: str, quiesce: str) -> None:
+        """Fail before any change on a running guest: a block job in the way, a mute agent."""
+        hv = self.ctx.hypervisor
+        ops.ensure_no_block_job(hv, domain, target)
+        if quiesce == "required":
+            ops.agent_ping(hv, domain)
 
     def _pick_flow(
         self, mode: str, running: bool, instance: str, direct: bool, on_rbd: bool
@@ -200,26 +221,38 @@ class ImageCreateService:
                 if plan.flow == "direct":
                     self._direct(op, plan, image_id, flatten, clock, properties or {}, progress)
                     return self.images.show(image_id)
-                work = self.ctx.settings.work / op.id
-                work.mkdir(mode=0o755, parents=True)
-                work.chmod(0o755)
-                op.step("work", path=str(work))
-                out = work / "image.qcow2"
-                if plan.flow == "live":
-                    consistency = self._live(op, plan, work, out, clock, progress)
-                else:
-                    consistency = self._cold(op, plan, out, clock, progress)
-                upload_start = time.monotonic()
-                size, digest = result.sha256_file(out)
-                virtual_size, vol_id, _ = self.images._store_disk(
-                    op, image_id, out, DiskFormat.QCOW2, progress, consume=True
-                )
-                clock.upload = time.monotonic() - upload_start
-                props = result.properties(plan, consistency, clock, properties or {})
-                result.activate(self.ctx, image_id, vol_id, size, digest, virtual_size, props)
-                op.step("activated")
-                shutil.rmtree(work, ignore_errors=True)
+                self._through_file(op, plan, image_id, clock, properties or {}, progress)
         return self.images.show(image_id)
+
+    def _through_file(
+        self,
+        op: journal.OpHandle,
+        plan: Plan,
+        image_id: str,
+        clock: Clock,
+        extra: dict[str, str],
+        progress: ProgressFn | None,
+    ) -> None:
+        """The cold and live flows: copy the root disk into a qcow2 work file, upload it."""
+        work = self.ctx.settings.work / op.id
+        work.mkdir(mode=0o755, parents=True)
+        work.chmod(0o755)
+        op.step("work", path=str(work))
+        out = work / "image.qcow2"
+        if plan.flow == "live":
+            consistency = self._live(op, plan, work, out, clock, progress)
+        else:
+            consistency = self._cold(op, plan, out, clock, progress)
+        upload_start = time.monotonic()
+        size, digest = result.sha256_file(out)
+        virtual_size, vol_id, _ = self.images._store_disk(
+            op, image_id, out, DiskFormat.QCOW2, progress, consume=True
+        )
+        clock.upload = time.monotonic() - upload_start
+        props = result.properties(plan, consistency, clock, extra)
+        result.activate(self.ctx, image_id, vol_id, size, digest, virtual_size, props)
+        op.step("activated")
+        shutil.rmtree(work, ignore_errors=True)
 
     def _direct(
         self,

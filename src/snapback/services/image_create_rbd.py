@@ -73,17 +73,58 @@ class DirectFlow:
         src_driver = self.ctx.pool(root_pool)
         img_pool = self.ctx.settings.image_pool
         img_driver = self.ctx.pool(img_pool)
+        src_snap, pause, frozen = self._snapshot_root(op, src_driver, root_storage, freeze, thaw)
+        snap_id = self._record_source(op, root_id, image_id, src_snap)
+        vol = self.volumes._new_row(
+            f"image-{image_id}", img_pool, size, kind="image", parent_snapshot_id=snap_id
+        )
+        op.step("volume", volume_id=vol.id)
+        src_driver.clone(root_storage, src_snap, img_driver, vol.storage_name)
+        op.step("cloned")
+        copy_start = time.monotonic()
+        if flatten == "now":
+            flatten_volume(self.ctx, vol.id, progress)
+            op.step("flattened")
+        copy = time.monotonic() - copy_start
+        self._make_base(op, img_driver, vol.id, vol.storage_name)
+        self._record_image(img_driver, image_id, vol.id, vol.storage_name)
+        return {
+            "snapback.flatten": "done" if flatten == "now" else flatten,
+            SOURCE_PROP: snap_id,
+            "snapback.time_guest_pause_s": f"{pause:.3f}",
+            "snapback.time_copy_s": f"{copy:.3f}",
+            "snapback.consistency_frozen": "yes" if frozen else "no",
+        }
+
+    @staticmethod
+    def _snapshot_root(
+        op: journal.OpHandle,
+        driver: StoragePool,
+        storage: str,
+        freeze: Callable[[], bool],
+        thaw: Callable[[], None],
+    ) -> tuple[str, float, bool]:
+        """Step 1: snapshot the root disk (frozen if the guest lets us), then protect it.
+
+        Returns the snapshot's storage name, the guest's pause and whether it was frozen.
+        """
         t0 = time.monotonic()
         src_snap = new_storage()
         frozen = freeze()
         op.step("snapping", storage=src_snap)
         try:
-            src_driver.create_snapshot(root_storage, src_snap)
+            driver.create_snapshot(storage, src_snap)
         finally:
             if frozen:
                 thaw()
         pause = time.monotonic() - t0
-        src_driver.protect_snapshot(root_storage, src_snap)
+        driver.protect_snapshot(storage, src_snap)
+        return src_snap, pause, frozen
+
+    def _record_source(
+        self, op: journal.OpHandle, root_id: str, image_id: str, src_snap: str
+    ) -> str:
+        """Catalogue the root disk's protected snapshot; returns its id."""
         with self.ctx.transaction() as s:
             row = Snapshot(
                 volume_id=root_id,
@@ -96,48 +137,39 @@ class DirectFlow:
             s.flush()
             snap_id = row.id
         op.step("snapped", snapshot_id=snap_id)
-        vol = self.volumes._new_row(
-            f"image-{image_id}", img_pool, size, kind="image", parent_snapshot_id=snap_id
-        )
-        op.step("volume", volume_id=vol.id)
-        src_driver.clone(root_storage, src_snap, img_driver, vol.storage_name)
-        op.step("cloned")
-        copy_start = time.monotonic()
-        if flatten == "now":
-            flatten_volume(self.ctx, vol.id, progress)
-            op.step("flattened")
-        copy = time.monotonic() - copy_start
+        return snap_id
+
+    def _make_base(
+        self, op: journal.OpHandle, driver: StoragePool, vol_id: str, storage: str
+    ) -> None:
+        """Step 4: the protected ``base`` snapshot of the clone; the volume is then read-only."""
         base = new_storage()
         op.step("basing", storage=base)
-        img_driver.create_snapshot(vol.storage_name, base)
-        img_driver.protect_snapshot(vol.storage_name, base)
+        driver.create_snapshot(storage, base)
+        driver.protect_snapshot(storage, base)
         with self.ctx.transaction() as s:
             s.add(
                 Snapshot(
-                    volume_id=vol.id,
+                    volume_id=vol_id,
                     name="base",
                     storage_name=base,
                     protected=True,
                     status=SnapshotStatus.AVAILABLE,
                 )
             )
-            row_v = s.get(Volume, vol.id)
+            row_v = s.get(Volume, vol_id)
             assert row_v is not None
             row_v.status, row_v.read_only = VolumeStatus.AVAILABLE, True
         op.step("snapshotted")
-        info = img_driver.volume_info(vol.storage_name)
+
+    def _record_image(self, driver: StoragePool, image_id: str, vol_id: str, storage: str) -> None:
+        """Point the image at its volume, with the volume's sizes."""
+        info = driver.volume_info(storage)
         with self.ctx.transaction() as s:
             img = s.get(Image, image_id)
             assert img is not None
-            img.volume_id, img.size, img.virtual_size = vol.id, info.allocated, info.size
+            img.volume_id, img.size, img.virtual_size = vol_id, info.allocated, info.size
             img.disk_format = "raw"
-        return {
-            "snapback.flatten": "done" if flatten == "now" else flatten,
-            SOURCE_PROP: snap_id,
-            "snapback.time_guest_pause_s": f"{pause:.3f}",
-            "snapback.time_copy_s": f"{copy:.3f}",
-            "snapback.consistency_frozen": "yes" if frozen else "no",
-        }
 
     def after_activation(self, op: journal.OpHandle, image_id: str, flatten: str) -> None:
         """The caller holds the root volume's lock."""

@@ -4,7 +4,7 @@ The root disk is a copy-on-write clone of the image's protected ``base``
 snapshot, as nova does on RBD. An image may name a kernel and a ramdisk image
 (glance's ``kernel_id``/``ramdisk_id`` properties) and ``os_command_line`` to
 boot directly. The domain definition is rebuilt from the catalogue on every
-start, so it always points at the volumes' current files.
+start, so it always points at the volumes' current files (instance_domain.py).
 """
 
 from __future__ import annotations
@@ -16,14 +16,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sqlalchemy import select
+from sqlalchemy.orm import Session
 
-from snapback.catalog.models import Image, Instance, InstanceDisk, Volume
+from snapback.catalog.models import Instance, InstanceDisk, Volume
 from snapback.domain.errors import Conflict, InvalidInput, NotFound
-from snapback.domain.models import BootFileFormat, ImageStatus, OperationStatus, VolumeStatus
+from snapback.domain.models import ImageStatus, OperationStatus, VolumeStatus
 from snapback.domain.names import SnapshotRef, validate_name
-from snapback.drivers.hypervisor.domain_xml import DiskSpec, DomainSpec
+from snapback.drivers.hypervisor.domain_xml import DomainSpec
 from snapback.drivers.hypervisor.libvirt_driver import DomainState
-from snapback.services import journal
+from snapback.services import instance_domain, journal
 from snapback.services.catalog_queries import live_volume
 from snapback.services.context import Context
 from snapback.services.images import BASE_SNAPSHOT, ImageService
@@ -98,54 +99,12 @@ class InstanceService:
         return [self.view(i) for i in ids]
 
     def console_path(self, inst_id: str) -> Path:
-        return self.ctx.settings.home / "instances" / inst_id / "console.log"
+        return instance_domain.console_path(self.ctx, inst_id)
 
-    # -- domain definition -------------------------------------------------
-    def _boot_file(self, image_ref: str, fmt: BootFileFormat) -> str:
-        return str(self.images.boot_file(image_ref, fmt)[1])
-
+    # -- domain definition (instance_domain.py) ----------------------------
     def spec(self, inst_id: str) -> DomainSpec:
         """The domain as the catalogue says it should be, with the volumes' current files."""
-        with self.ctx.sessions() as s:
-            inst = s.get(Instance, inst_id)
-            assert inst is not None
-            props = {}
-            if inst.image_id:
-                img = s.get(Image, inst.image_id)
-                props = {p.key: p.value for p in img.properties} if img else {}
-            if inst.kernel_id:  # its own boot files (restored from a backup) come first
-                props = {"kernel_id": inst.kernel_id, "os_command_line": inst.os_command_line or ""}
-                if inst.ramdisk_id:
-                    props["ramdisk_id"] = inst.ramdisk_id
-            disks = []
-            for d in inst.disks:
-                vol = s.get(Volume, d.volume_id)
-                assert vol is not None
-                disks.append(disk_spec(self.ctx, d.target, vol.pool, vol.storage_name))
-            name, memory, vcpus = inst.domain_name, inst.memory_mib, inst.vcpus
-        kernel = (
-            self._boot_file(props["kernel_id"], BootFileFormat.AKI)
-            if "kernel_id" in props
-            else None
-        )
-        initrd = (
-            self._boot_file(props["ramdisk_id"], BootFileFormat.ARI)
-            if "ramdisk_id" in props
-            else None
-        )
-        console = self.console_path(inst_id)
-        console.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
-        return DomainSpec(
-            name=name,
-            memory_mib=memory,
-            vcpus=vcpus,
-            disks=tuple(disks),
-            kernel=kernel,
-            initrd=initrd,
-            cmdline=props.get("os_command_line") if kernel else None,
-            serial_log=str(console),
-            uuid=inst_id,
-        )
+        return instance_domain.domain_spec(self.ctx, self.images, inst_id)
 
     # -- life cycle ------------------------------------------------------
     def create(
@@ -163,22 +122,7 @@ class InstanceService:
             raise InvalidInput(f"image {image_ref} is not an active disk image")
         extra = [self._attachable(v) for v in volumes or []]
         with self.ctx.transaction() as s:
-            if s.scalars(
-                select(Instance.id).where(Instance.name == name, Instance.status.in_(LIVE))
-            ).first():
-                raise Conflict(f"instance {name} already exists")
-            inst_id = str(uuid.uuid4())
-            s.add(
-                Instance(
-                    id=inst_id,
-                    name=name,
-                    status="building",
-                    image_id=img.id,
-                    domain_name=f"snapback-{inst_id[:8]}",
-                    memory_mib=memory_mib,
-                    vcpus=vcpus,
-                )
-            )
+            inst_id = _add_row(s, name, image_id=img.id, memory_mib=memory_mib, vcpus=vcpus)
         with journal.operation(self.ctx, CREATE, name, instance_id=inst_id) as op:
             op.step("row")
             image_volume = img.volume.split("/", 1)[1]
@@ -193,12 +137,7 @@ class InstanceService:
                 s.add(InstanceDisk(instance_id=inst_id, target="vda", volume_id=root.id, root=True))
                 for target, vol_id in zip(TARGETS[1:], extra, strict=False):
                     s.add(InstanceDisk(instance_id=inst_id, target=target, volume_id=vol_id))
-            self.ctx.hypervisor.define(self.spec(inst_id))
-            op.step("defined")
-            if start:
-                self.ctx.hypervisor.start(self._domain(inst_id))
-                op.step("started")
-            self._set_status(inst_id, "active" if start else "shutoff")
+            self._define(op, inst_id, start)
         return self.view(inst_id)
 
     def adopt(
@@ -217,36 +156,25 @@ class InstanceService:
         failure leaves no instance (the volumes are the caller's)."""
         validate_name(name, "instance name")
         with self.ctx.transaction() as s:
-            if s.scalars(
-                select(Instance.id).where(Instance.name == name, Instance.status.in_(LIVE))
-            ).first():
-                raise Conflict(f"instance {name} already exists")
-            inst_id = str(uuid.uuid4())
-            s.add(
-                Instance(
-                    id=inst_id,
-                    name=name,
-                    status="building",
-                    image_id=image_id,
-                    domain_name=f"snapback-{inst_id[:8]}",
-                    memory_mib=memory_mib,
-                    vcpus=vcpus,
-                    kernel_id=boot.kernel_id if boot else None,
-                    ramdisk_id=boot.ramdisk_id if boot else None,
-                    os_command_line=boot.cmdline if boot else None,
-                )
+            inst_id = _add_row(
+                s, name, image_id=image_id, memory_mib=memory_mib, vcpus=vcpus, boot=boot
             )
             for target, vol_id, root in disks:
                 s.add(InstanceDisk(instance_id=inst_id, target=target, volume_id=vol_id, root=root))
         with journal.operation(self.ctx, CREATE, name, instance_id=inst_id) as op:
             op.step("row")
-            self.ctx.hypervisor.define(self.spec(inst_id))
-            op.step("defined")
-            if start:
-                self.ctx.hypervisor.start(self._domain(inst_id))
-                op.step("started")
-            self._set_status(inst_id, "active" if start else "shutoff")
+            self._define(op, inst_id, start)
         return self.view(inst_id)
+
+    def _define(self, op: journal.OpHandle, inst_id: str, start: bool) -> None:
+        """Define the domain (step ``defined``), start it when asked (``started``), then
+        set the status to match."""
+        self.ctx.hypervisor.define(self.spec(inst_id))
+        op.step("defined")
+        if start:
+            self.ctx.hypervisor.start(self._domain(inst_id))
+            op.step("started")
+        self._set_status(inst_id, "active" if start else "shutoff")
 
     def _attachable(self, name: str, pool: str | None = None) -> str:
         with self.ctx.sessions() as s:
@@ -350,18 +278,37 @@ class InstanceService:
         hv.redefine(spec)
 
 
-def disk_spec(ctx: Context, target: str, pool: str, storage_name: str) -> DiskSpec:
-    """How the domain reaches a volume: a file, or an rbd network disk with its ceph.conf."""
-    att = ctx.pool(pool).attachment(storage_name)
-    if att.type == "file":
-        return DiskSpec(target, att.source, att.format)
-    return DiskSpec(
-        target,
-        att.source,
-        att.format,
-        protocol=att.protocol,
-        config=ctx.settings.pools[pool].conf,
+def _add_row(
+    s: Session,
+    name: str,
+    *,
+    image_id: str | None,
+    memory_mib: int,
+    vcpus: int,
+    boot: BootFiles | None = None,
+) -> str:
+    """A ``building`` instance row named ``name`` (Conflict when a live one has the name),
+    added to the session; its id."""
+    if s.scalars(
+        select(Instance.id).where(Instance.name == name, Instance.status.in_(LIVE))
+    ).first():
+        raise Conflict(f"instance {name} already exists")
+    inst_id = str(uuid.uuid4())
+    s.add(
+        Instance(
+            id=inst_id,
+            name=name,
+            status="building",
+            image_id=image_id,
+            domain_name=f"snapback-{inst_id[:8]}",
+            memory_mib=memory_mib,
+            vcpus=vcpus,
+            kernel_id=boot.kernel_id if boot else None,
+            ramdisk_id=boot.ramdisk_id if boot else None,
+            os_command_line=boot.cmdline if boot else None,
+        )
     )
+    return inst_id
 
 
 def _teardown(ctx: Context, inst_id: str) -> None:

@@ -33,6 +33,12 @@ class TourStep:
     result: str
 
 
+def timed(action: str, fn: Callable[[], str]) -> TourStep:
+    t0 = time.perf_counter()
+    result = fn()
+    return TourStep(action, round(time.perf_counter() - t0, 4), result)
+
+
 class Tour:
     def __init__(self, ctx: Context) -> None:
         self.ctx = ctx
@@ -60,11 +66,11 @@ class Tour:
         return steps
 
     def _steps(self) -> Iterator[TourStep]:
-        def timed(action: str, fn: Callable[[], str]) -> TourStep:
-            t0 = time.perf_counter()
-            result = fn()
-            return TourStep(action, round(time.perf_counter() - t0, 4), result)
+        yield from self._snapshot_steps()
+        yield from self._image_steps()
 
+    def _snapshot_steps(self) -> Iterator[TourStep]:
+        """A volume, a snapshot before a bad upgrade, a clone of it, the rollback."""
         v, s = self.volumes, self.snapshots
         yield timed(
             "volume create web-root --size 256M",
@@ -102,6 +108,9 @@ class Tour:
             "snapshot rollback web-root@release-1",
             lambda: f"web-root reads {self._rollback_check()!r} again",
         )
+
+    def _image_steps(self) -> Iterator[TourStep]:
+        """The clone exported, made an image, the old volume deleted, gc."""
         with tempfile.TemporaryDirectory() as tmp:
             raw = os.path.join(tmp, "web.raw")
             yield timed("volume export web-test --disk-format raw", lambda: self._export(raw))

@@ -1,8 +1,8 @@
-"""Volume use-cases: create, import, clone, flatten, resize, export, delete."""
+"""Volume use-cases: create, import, clone, flatten, resize, export, delete
+(volume_delete.py)."""
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import uuid
 from pathlib import Path
@@ -10,7 +10,7 @@ from pathlib import Path
 from sqlalchemy import select
 
 from snapback.catalog.models import Snapshot, Volume
-from snapback.domain.errors import Conflict, HasDependents, InvalidInput, NotFound
+from snapback.domain.errors import Conflict, InvalidInput
 from snapback.domain.models import (
     DiskFormat,
     OperationStatus,
@@ -20,12 +20,11 @@ from snapback.domain.models import (
 from snapback.domain.names import SnapshotRef, validate_name
 from snapback.drivers.imagefmt.inspector import InspectedImage, inspect
 from snapback.drivers.storage.base import CreateOptions, ProgressFn
-from snapback.services import journal
+from snapback.services import journal, volume_delete
 from snapback.services.catalog_queries import (
     LIVE_VOLUME,
     clones_of,
     ensure_not_running,
-    instance_using,
     live_snapshot,
     live_volume,
     volume_label,
@@ -33,9 +32,11 @@ from snapback.services.catalog_queries import (
 from snapback.services.context import Context
 from snapback.services.views import VolumeView
 
+# re-exported: instances, images, image_create_rbd and backup_restore import it from here
+from snapback.services.volume_delete import purge as purge
+
 CREATE = "volume.create"
 FLATTEN = "volume.flatten"
-DELETE = "volume.delete"
 
 
 def storage_name() -> str:
@@ -272,7 +273,7 @@ class VolumeService:
                 for c in clones_of(s, sn.id)
             ]
 
-    # -- deletion --------------------------------------------------------
+    # -- deletion (volume_delete.py) --------------------------------------
     def delete(
         self,
         name: str,
@@ -283,97 +284,19 @@ class VolumeService:
     ) -> str:
         """Delete a volume; returns ``deleted`` or ``deferred``."""
         pool = self._pool_name(pool)
-        with self.ctx.sessions() as s:
-            vol = live_volume(s, pool, name)
-            user = instance_using(s, vol.id)
-            if user is not None:
-                raise Conflict(
-                    f"volume {pool}/{name} is attached to instance {user.name}; "
-                    "detach it or delete the instance first"
-                )
-            if vol.kind not in kinds:
-                raise InvalidInput(f"{pool}/{name} belongs to an image; delete the image instead")
+        vol = volume_delete.check_deletable(self.ctx, pool, name, kinds)
         with self.ctx.lock(volume_lock(vol.id)):
-            dependents = self.dependents(vol.id)
-            if dependents and not defer:
-                raise HasDependents(
-                    f"volume {pool}/{name} has snapshots with clones "
-                    "(use --defer to delete it once they are gone)",
-                    dependents,
-                )
-            if dependents:
-                driver = self.ctx.pool(pool)
-                if driver.supports_trash:
-                    # RBD: into the trash at once (the name is free, clones keep reading);
-                    # gc empties it once the clones are gone and the delay has passed
-                    driver.trash_volume(vol.storage_name, self.ctx.settings.pools[pool].trash_delay)
-                self._set_status(vol.id, VolumeStatus.PENDING_DELETE)
-                return "deferred"
-            protected = self._protected_snapshots(vol.id)
-            if protected and not defer:
-                raise HasDependents(
-                    f"volume {pool}/{name} has protected snapshots; unprotect "
-                    "them first (or use --defer)",
-                    protected,
-                )
-            self.remove(vol.id)
-            return "deleted"
+            return volume_delete.delete_locked(self.ctx, vol, pool, name, defer=defer)
 
     def dependents(self, vol_id: str) -> list[str]:
-        with self.ctx.sessions() as s:
-            vol = s.get(Volume, vol_id)
-            assert vol is not None
-            return [volume_label(c) for sn in vol.snapshots for c in clones_of(s, sn.id)]
-
-    def _protected_snapshots(self, vol_id: str) -> list[str]:
-        with self.ctx.sessions() as s:
-            vol = s.get(Volume, vol_id)
-            assert vol is not None
-            return [
-                f"{vol.name}@{x.name}"
-                for x in vol.snapshots
-                if x.protected and x.status != SnapshotStatus.DELETED
-            ]
+        return volume_delete.dependents(self.ctx, vol_id)
 
     def _set_status(self, vol_id: str, status: VolumeStatus) -> None:
-        with self.ctx.transaction() as s:
-            vol = s.get(Volume, vol_id)
-            assert vol is not None
-            vol.status = status
+        volume_delete.set_status(self.ctx, vol_id, status)
 
     def remove(self, vol_id: str) -> None:
         """Remove a volume that nothing depends on: storage first, then the catalogue."""
-        with self.ctx.sessions() as s:
-            vol = s.get(Volume, vol_id)
-            assert vol is not None
-            target = f"{vol.pool}/{vol.name}"
-        with journal.operation(self.ctx, DELETE, target, volume_id=vol_id) as op:
-            op.step("removing")
-            purge(self.ctx, vol_id)
-            op.step("removed")
-
-
-def purge(ctx: Context, vol_id: str) -> None:
-    """Remove a volume's storage (unprotecting its snapshots) if it is there, then mark the
-    volume and its snapshots deleted. Safe to repeat: every recovery path ends here."""
-    with ctx.sessions() as s:
-        vol = s.get(Volume, vol_id)
-        if vol is None:
-            return
-        pool, storage = vol.pool, vol.storage_name
-    driver = ctx.pool(pool)
-    if storage in driver.list_volumes():
-        for snap in driver.list_snapshots(storage):
-            if snap.protected:
-                driver.unprotect_snapshot(storage, snap.name)
-        with contextlib.suppress(NotFound):  # gone meanwhile
-            driver.delete_volume(storage)
-    with ctx.transaction() as s:
-        row = s.get(Volume, vol_id)
-        assert row is not None
-        row.status = VolumeStatus.DELETED
-        for snap_row in row.snapshots:
-            snap_row.status = SnapshotStatus.DELETED
+        volume_delete.remove(self.ctx, vol_id)
 
 
 @journal.recovery(CREATE)
@@ -385,13 +308,6 @@ def _recover_create(ctx: Context, op: journal.OperationRecord) -> OperationStatu
             return OperationStatus.RECOVERED
     purge(ctx, op.payload["volume_id"])
     return OperationStatus.ROLLED_BACK
-
-
-@journal.recovery(DELETE)
-def _recover_delete(ctx: Context, op: journal.OperationRecord) -> OperationStatus:
-    """A delete that was started is finished: the user asked for it."""
-    purge(ctx, op.payload["volume_id"])
-    return OperationStatus.RECOVERED
 
 
 @journal.recovery(FLATTEN)

@@ -148,31 +148,9 @@ def _inspect_qcow2(path: str, f: BinaryIO, head: bytes, size: int) -> InspectedI
         nb_snap,
         snap_off,
     ) = struct.unpack(">IIQIIQIIQQIIQ", head[:72])
-    if version not in (2, 3):
-        raise bad(f"unknown qcow2 version {version}")
-    if backing_off or backing_len:
-        name = _read_at(f, backing_off, min(backing_len, 1023), size)
-        shown = name.decode(errors="replace") if name else "?"
-        raise bad(f"it names a backing file ({shown!r}); only self-contained images are accepted")
-    if not 9 <= cluster_bits <= 21:
-        raise bad(f"cluster size 2^{cluster_bits} is outside 512 B..2 MiB")
+    _check_basics(f, size, version, (backing_off, backing_len), cluster_bits, crypt, vsize, bad)
     cluster = 1 << cluster_bits
-    if crypt:
-        raise bad("it is encrypted")
-    if vsize == 0 or vsize > MAX_VOLUME_SIZE:
-        raise bad(f"virtual size {vsize} is absurd")
-    incompat, header_len, extl2 = 0, 72, False
-    if version == 3:
-        if len(head) < 104:
-            raise bad("the version 3 header is truncated")
-        incompat = struct.unpack(">Q", head[72:80])[0]
-        refcount_order, header_len = struct.unpack(">II", head[96:104])
-        if refcount_order > 6:
-            raise bad(f"refcount order {refcount_order} is invalid")
-        if header_len < 104 or header_len > min(cluster, len(head)) or header_len % 8:
-            raise bad(f"header length {header_len} is invalid")
-        _check_incompatible(incompat, bad)
-        extl2 = bool(incompat & INCOMPAT_EXTL2)
+    header_len, extl2 = _v3_header(head, cluster, bad) if version == 3 else (72, False)
     _check_extensions(head, header_len, cluster, bad)
     l2_entry = 16 if extl2 else 8
     l2_entries = cluster // l2_entry
@@ -192,6 +170,46 @@ def _inspect_qcow2(path: str, f: BinaryIO, head: bytes, size: int) -> InspectedI
     _check_refcount_table(f, rt_off, rt_clusters * cluster, cluster, size, bad)
     _check_l2_tables(f, l1_off, l1_size, cluster, cluster_bits, l2_entry, size, bad)
     return InspectedImage(DiskFormat.QCOW2, vsize, size, cluster)
+
+
+def _check_basics(
+    f: BinaryIO,
+    size: int,
+    version: int,
+    backing: tuple[int, int],
+    cluster_bits: int,
+    crypt: int,
+    vsize: int,
+    bad: Reject,
+) -> None:
+    """Version, backing file, cluster size, encryption and virtual size."""
+    if version not in (2, 3):
+        raise bad(f"unknown qcow2 version {version}")
+    backing_off, backing_len = backing
+    if backing_off or backing_len:
+        name = _read_at(f, backing_off, min(backing_len, 1023), size)
+        shown = name.decode(errors="replace") if name else "?"
+        raise bad(f"it names a backing file ({shown!r}); only self-contained images are accepted")
+    if not 9 <= cluster_bits <= 21:
+        raise bad(f"cluster size 2^{cluster_bits} is outside 512 B..2 MiB")
+    if crypt:
+        raise bad("it is encrypted")
+    if vsize == 0 or vsize > MAX_VOLUME_SIZE:
+        raise bad(f"virtual size {vsize} is absurd")
+
+
+def _v3_header(head: bytes, cluster: int, bad: Reject) -> tuple[int, bool]:
+    """A version 3 header's length, and whether its L2 entries are extended (16 bytes)."""
+    if len(head) < 104:
+        raise bad("the version 3 header is truncated")
+    incompat = struct.unpack(">Q", head[72:80])[0]
+    refcount_order, header_len = struct.unpack(">II", head[96:104])
+    if refcount_order > 6:
+        raise bad(f"refcount order {refcount_order} is invalid")
+    if header_len < 104 or header_len > min(cluster, len(head)) or header_len % 8:
+        raise bad(f"header length {header_len} is invalid")
+    _check_incompatible(incompat, bad)
+    return header_len, bool(incompat & INCOMPAT_EXTL2)
 
 
 def _check_incompatible(incompat: int, bad: Reject) -> None:

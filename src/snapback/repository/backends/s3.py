@@ -17,10 +17,11 @@ The client uses path-style addressing (``http://host/bucket/key``: works with
 any endpoint, no wildcard DNS), bounded connect/read timeouts, and botocore's
 "standard" retry mode for connection errors, timeouts and 5xx answers.
 Every botocore error becomes a ``BackendError`` (or ``NotFound``) whose message
-says what to check; the botocore exception stays as ``__cause__``.
+says what to check; the botocore exception stays as ``__cause__``. The
+wording of those messages is in ``s3_errors``.
 
 Credentials never appear in a URL: ``from_url`` takes them from the
-environment.
+environment. The parsing and checking of the location is in ``s3_location``.
 """
 
 from __future__ import annotations
@@ -28,7 +29,6 @@ from __future__ import annotations
 import base64
 import hashlib
 import time
-import urllib.parse
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -36,36 +36,27 @@ import boto3
 import botocore.exceptions
 from botocore.config import Config
 
-from snapback.domain.errors import InvalidInput, NotFound, SnapbackError
+from snapback.domain.errors import NotFound, SnapbackError
 from snapback.repository.backends.base import Backend, BackendError, ObjectInfo, check_key
+from snapback.repository.backends.s3_errors import (
+    backend_error,
+    error_code,
+    http_status,
+    is_missing_key,
+    retry_count,
+)
+from snapback.repository.backends.s3_location import (
+    DEFAULT_REGION,
+    check_location,
+    clean_prefix,
+    format_s3_url,
+    parse_s3_url,
+)
 
 CONNECT_TIMEOUT = 5.0  # seconds to open a TCP connection to the endpoint
 READ_TIMEOUT = 60.0  # seconds without a byte from the server (an 8 MiB object needs far less)
 MAX_ATTEMPTS = 5  # per request, first try included; botocore backs off 50 ms, 100 ms, 200 ms...
 CONTENT_TYPE = "application/octet-stream"
-
-# Error codes that mean "these credentials may not do this".
-_ACCESS_CODES = {
-    "AccessDenied": "the credentials may not use this bucket",
-    "InvalidAccessKeyId": "the server does not know this access key",
-    "SignatureDoesNotMatch": "the secret key does not match the access key",
-    "AllAccessDisabled": "all access to this bucket is disabled",
-    "AccountProblem": "the account has a problem",
-    "InvalidToken": "the session token is invalid",
-    "ExpiredToken": "the session token has expired",
-}
-# Error codes that mean "the body the server received is not the one we sent".
-_CORRUPT_CODES = {"BadDigest", "InvalidDigest", "XAmzContentSHA256Mismatch"}
-# Raised while connecting or while bytes are in flight.
-_NETWORK_ERRORS = (
-    botocore.exceptions.EndpointConnectionError,
-    botocore.exceptions.ConnectTimeoutError,
-    botocore.exceptions.ReadTimeoutError,
-    botocore.exceptions.ConnectionClosedError,
-    botocore.exceptions.ResponseStreamingError,
-    botocore.exceptions.IncompleteReadError,
-    botocore.exceptions.HTTPClientError,
-)
 
 
 def _content_md5(data: bytes) -> str:
@@ -77,25 +68,25 @@ def _md5_hex(data: bytes) -> str:
     return hashlib.md5(data, usedforsecurity=False).hexdigest()
 
 
-def _error_code(exc: botocore.exceptions.ClientError) -> str:
-    """The S3 error code; "" for a bodiless answer (HEAD), where botocore puts the status."""
-    error = exc.response.get("Error", {})
-    code = str(error.get("Code", ""))
-    status = str(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", ""))
-    return "" if code == status else code
-
-
-def _status(exc: botocore.exceptions.ClientError) -> int:
-    return int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0))
-
-
-def _retried(exc: botocore.exceptions.ClientError) -> int:
-    return int(exc.response.get("ResponseMetadata", {}).get("RetryAttempts", 0))
-
-
-def _clean_prefix(prefix: str) -> str:
-    prefix = prefix.strip("/")
-    return check_key(prefix) if prefix else ""
+def _client_config(
+    region: str, connect_timeout: float, read_timeout: float, max_attempts: int
+) -> Config:
+    return Config(
+        region_name=region,
+        signature_version="s3v4",
+        s3={"addressing_style": "path"},
+        connect_timeout=connect_timeout,
+        read_timeout=read_timeout,
+        # total_max_attempts counts the first try; botocore's max_attempts
+        # would count only the retries.
+        retries={"mode": "standard", "total_max_attempts": max_attempts},
+        tcp_keepalive=True,
+        # No CRC32 headers or aws-chunked trailers: radosgw 16 ignores
+        # x-amz-checksum-* (a wrong one is accepted), and older S3 servers
+        # refuse aws-chunked bodies. Content-MD5 is what protects a PUT.
+        request_checksum_calculation="when_required",
+        response_checksum_validation="when_required",
+    )
 
 
 class S3Backend(Backend):
@@ -109,43 +100,19 @@ class S3Backend(Backend):
         *,
         access_key: str,
         secret_key: str,
-        region: str = "us-east-1",
+        region: str = DEFAULT_REGION,
         connect_timeout: float = CONNECT_TIMEOUT,
         read_timeout: float = READ_TIMEOUT,
         max_attempts: int = MAX_ATTEMPTS,
     ) -> None:
-        parsed = urllib.parse.urlsplit(endpoint)
-        if parsed.scheme not in ("http", "https") or not parsed.hostname:
-            raise InvalidInput(f"S3 endpoint {endpoint!r} must be an http:// or https:// URL")
-        if parsed.username or parsed.password:
-            raise InvalidInput("S3 endpoint must not contain credentials")
-        if not bucket:
-            raise InvalidInput("S3 bucket name is empty")
-        if not access_key or not secret_key:
-            raise InvalidInput("S3 access key and secret key are both required")
+        check_location(endpoint, bucket, access_key, secret_key)
         self.endpoint = endpoint.rstrip("/")
         self.bucket = bucket
-        self.prefix = _clean_prefix(prefix)
+        self.prefix = clean_prefix(prefix)
         self.region = region
         self.read_timeout = read_timeout
-        path = f"/{self.prefix}" if self.prefix else ""
-        self.url = f"s3://{bucket}{path}?endpoint={self.endpoint}"
-        config = Config(
-            region_name=region,
-            signature_version="s3v4",
-            s3={"addressing_style": "path"},
-            connect_timeout=connect_timeout,
-            read_timeout=read_timeout,
-            # total_max_attempts counts the first try; botocore's max_attempts
-            # would count only the retries.
-            retries={"mode": "standard", "total_max_attempts": max_attempts},
-            tcp_keepalive=True,
-            # No CRC32 headers or aws-chunked trailers: radosgw 16 ignores
-            # x-amz-checksum-* (a wrong one is accepted), and older S3 servers
-            # refuse aws-chunked bodies. Content-MD5 is what protects a PUT.
-            request_checksum_calculation="when_required",
-            response_checksum_validation="when_required",
-        )
+        self.url = format_s3_url(self.endpoint, bucket, self.prefix)
+        config = _client_config(region, connect_timeout, read_timeout, max_attempts)
         # One session per backend: boto3 clients are thread-safe, sessions are not.
         session = boto3.session.Session()
         self._client: Any = session.client(
@@ -166,54 +133,16 @@ class S3Backend(Backend):
         ``endpoint``, else ``SNAPBACK_S3_ENDPOINT``, else ``AWS_ENDPOINT_URL_S3``
         or ``AWS_ENDPOINT_URL``. Region: the URL's ``region``, else
         ``SNAPBACK_S3_REGION``, ``AWS_REGION``, ``AWS_DEFAULT_REGION``, us-east-1.
+        The parsing is ``s3_location.parse_s3_url``.
         """
-        parsed = urllib.parse.urlsplit(url)
-        if parsed.scheme != "s3":
-            raise InvalidInput(f"{url!r} is not an s3:// URL")
-        if "@" in parsed.netloc:
-            raise InvalidInput(
-                "an s3:// URL must not contain credentials: set SNAPBACK_S3_ACCESS_KEY and "
-                "SNAPBACK_S3_SECRET_KEY (or AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY)"
-            )
-        bucket = parsed.netloc
-        if not bucket:
-            raise InvalidInput(f"{url!r} names no bucket (s3://BUCKET[/PREFIX]?endpoint=URL)")
-        query = urllib.parse.parse_qs(parsed.query, keep_blank_values=True)
-        unknown = set(query) - {"endpoint", "region"}
-        if unknown:
-            raise InvalidInput(f"unknown option(s) in {url!r}: {', '.join(sorted(unknown))}")
-
-        def first(*names: str) -> str:
-            return next((env[n] for n in names if env.get(n)), "")
-
-        endpoint = (query.get("endpoint") or [""])[-1] or first(
-            "SNAPBACK_S3_ENDPOINT", "AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL"
-        )
-        if not endpoint:
-            raise InvalidInput(
-                f"no S3 endpoint for {url!r}: add ?endpoint=http://HOST:PORT or set "
-                "SNAPBACK_S3_ENDPOINT"
-            )
-        region = (query.get("region") or [""])[-1] or first(
-            "SNAPBACK_S3_REGION", "AWS_REGION", "AWS_DEFAULT_REGION"
-        )
-        if env.get("SNAPBACK_S3_ACCESS_KEY") or env.get("SNAPBACK_S3_SECRET_KEY"):
-            access_key = env.get("SNAPBACK_S3_ACCESS_KEY", "")
-            secret_key = env.get("SNAPBACK_S3_SECRET_KEY", "")
-            names = "SNAPBACK_S3_ACCESS_KEY and SNAPBACK_S3_SECRET_KEY"
-        else:
-            access_key = env.get("AWS_ACCESS_KEY_ID", "")
-            secret_key = env.get("AWS_SECRET_ACCESS_KEY", "")
-            names = "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY"
-        if not access_key or not secret_key:
-            raise InvalidInput(f"no S3 credentials for {url!r}: set both {names}")
+        location = parse_s3_url(url, env)
         return cls(
-            endpoint,
-            bucket,
-            parsed.path,
-            access_key=access_key,
-            secret_key=secret_key,
-            region=region or "us-east-1",
+            location.endpoint,
+            location.bucket,
+            location.prefix,
+            access_key=location.access_key,
+            secret_key=location.secret_key,
+            region=location.region,
             **options,
         )
 
@@ -229,69 +158,9 @@ class S3Backend(Backend):
 
     def _error(self, exc: Exception, doing: str) -> SnapbackError:
         """A BackendError a person can act on, for a botocore exception raised ``doing`` ..."""
-        where = f"{self.endpoint} (bucket {self.bucket!r})"
-        if isinstance(exc, botocore.exceptions.ClientError):
-            code, status = _error_code(exc), _status(exc)
-            message = exc.response.get("Error", {}).get("Message") or ""
-            if code in _ACCESS_CODES or status == 403:
-                if code in _ACCESS_CODES:
-                    why = f"{_ACCESS_CODES[code]} ({code})"
-                else:  # a HEAD answer has no body, so no code either
-                    why = f"HTTP {status} Forbidden"
-                return BackendError(
-                    f"access denied by {where} while {doing}: {why}; check the access key "
-                    "and secret key and the bucket's permissions"
-                )
-            if code == "NoSuchBucket":
-                return BackendError(
-                    f"bucket {self.bucket!r} does not exist at {self.endpoint} ({doing}); "
-                    "'snapback repo init' creates it, or fix the bucket name"
-                )
-            if code in _CORRUPT_CODES:
-                return BackendError(
-                    f"{where} refused the upload while {doing}: the body it received does not "
-                    f"match the checksum sent with it ({code}), so it was corrupted on the way; "
-                    "nothing was stored"
-                )
-            if code == "RequestTimeTooSkewed":
-                return BackendError(
-                    f"{where} refused the request while {doing}: this machine's clock differs "
-                    "from the server's by more than 15 minutes; fix the clock (NTP)"
-                )
-            if code in ("SlowDown", "ServiceUnavailable") or status >= 500:
-                detail = f"HTTP {status} {code} {message}".rstrip()
-                return BackendError(
-                    f"{where} failed while {doing}: {detail} (still failing after retries: "
-                    "the server is down or overloaded)"
-                )
-            detail = f"HTTP {status} {code} {message}".rstrip()
-            return BackendError(f"{where} refused the request while {doing}: {detail}")
-        if isinstance(
-            exc,
-            botocore.exceptions.EndpointConnectionError | botocore.exceptions.ConnectTimeoutError,
-        ):
-            return BackendError(
-                f"cannot reach the S3 endpoint {self.endpoint} while {doing}: {exc}; is the "
-                "server running and are the address and port right?"
-            )
-        if isinstance(exc, botocore.exceptions.SSLError):
-            return BackendError(
-                f"TLS with the S3 endpoint {self.endpoint} failed while {doing}: {exc}; if its "
-                "certificate comes from a private CA, point AWS_CA_BUNDLE at that CA's PEM file"
-            )
-        if isinstance(exc, botocore.exceptions.ReadTimeoutError):
-            return BackendError(
-                f"the S3 endpoint {self.endpoint} stopped answering while {doing} (no data for "
-                f"{self.read_timeout:g} s, after retries)"
-            )
-        if isinstance(exc, _NETWORK_ERRORS):
-            return BackendError(
-                f"the connection to the S3 endpoint {self.endpoint} broke while {doing}: {exc} "
-                "(after retries)"
-            )
-        if isinstance(exc, botocore.exceptions.NoCredentialsError):
-            return BackendError(f"no S3 credentials while {doing}")
-        return BackendError(f"S3 request to {where} failed while {doing}: {exc}")
+        return backend_error(
+            exc, doing, endpoint=self.endpoint, bucket=self.bucket, read_timeout=self.read_timeout
+        )
 
     # -- the interface -------------------------------------------------------
 
@@ -313,12 +182,12 @@ class S3Backend(Backend):
                 self._client.put_object(**args)
                 return True
             except botocore.exceptions.ClientError as exc:
-                code, status = _error_code(exc), _status(exc)
+                code, status = error_code(exc), http_status(exc)
                 if not overwrite and (code == "PreconditionFailed" or status == 412):
                     # True only when an earlier attempt of this very call was
                     # stored but its answer was lost (connection cut), so
                     # botocore tried again and met our own object.
-                    return bool(_retried(exc)) and self._holds(name, data)
+                    return bool(retry_count(exc)) and self._holds(name, data)
                 if code == "ConditionalRequestConflict" and attempt < 4:
                     time.sleep(0.1 * 2**attempt)
                     continue
@@ -344,9 +213,7 @@ class S3Backend(Backend):
             try:
                 response = self._client.get_object(Bucket=self.bucket, Key=name)
             except botocore.exceptions.ClientError as exc:
-                if _error_code(exc) in ("NoSuchKey", "NotFound") or (
-                    _status(exc) == 404 and _error_code(exc) != "NoSuchBucket"
-                ):
+                if is_missing_key(exc):
                     raise NotFound(f"object {key} is missing from {self.url}") from exc
                 raise self._error(exc, f"reading {key}") from exc
             except botocore.exceptions.BotoCoreError as exc:
@@ -373,7 +240,7 @@ class S3Backend(Backend):
             head = self._client.head_object(Bucket=self.bucket, Key=name)
         except botocore.exceptions.ClientError as exc:
             # A HEAD answer has no body, so a missing bucket looks like a missing key.
-            if _status(exc) == 404 or _error_code(exc) in ("NoSuchKey", "NotFound"):
+            if http_status(exc) == 404 or error_code(exc) in ("NoSuchKey", "NotFound"):
                 return None
             raise self._error(exc, f"looking up {key}") from exc
         except botocore.exceptions.BotoCoreError as exc:
@@ -385,7 +252,7 @@ class S3Backend(Backend):
         try:
             self._client.delete_object(Bucket=self.bucket, Key=name)  # 204 for a missing key too
         except botocore.exceptions.ClientError as exc:
-            if _error_code(exc) == "NoSuchKey":
+            if error_code(exc) == "NoSuchKey":
                 return
             raise self._error(exc, f"deleting {key}") from exc
         except botocore.exceptions.BotoCoreError as exc:
@@ -427,9 +294,7 @@ class S3Backend(Backend):
                 ContentType=CONTENT_TYPE,
             )
         except botocore.exceptions.ClientError as exc:
-            if _error_code(exc) in ("NoSuchKey", "NotFound") or (
-                _status(exc) == 404 and _error_code(exc) != "NoSuchBucket"
-            ):
+            if is_missing_key(exc):
                 raise NotFound(f"object {key} is missing from {self.url}") from exc
             raise self._error(exc, f"touching {key}") from exc
         except botocore.exceptions.BotoCoreError as exc:
@@ -446,7 +311,7 @@ class S3Backend(Backend):
             self._client.head_bucket(Bucket=self.bucket)
             return False
         except botocore.exceptions.ClientError as exc:
-            if _status(exc) != 404:
+            if http_status(exc) != 404:
                 raise self._error(exc, "checking the bucket") from exc
         except botocore.exceptions.BotoCoreError as exc:
             raise self._error(exc, "checking the bucket") from exc
@@ -456,7 +321,7 @@ class S3Backend(Backend):
         try:
             self._client.create_bucket(**args)
         except botocore.exceptions.ClientError as exc:
-            code = _error_code(exc)
+            code = error_code(exc)
             if code == "BucketAlreadyOwnedByYou":
                 return False  # created meanwhile by another client of ours
             if code == "BucketAlreadyExists":

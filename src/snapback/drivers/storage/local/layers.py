@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -24,6 +25,12 @@ if TYPE_CHECKING:
     from snapback.drivers.storage.local.pool import LocalPool
 
 FLATTEN_SUFFIX = ".flatten.tmp"
+READ_ONLY = 0o444
+WRITABLE = 0o644
+
+
+def new_layer_id() -> str:
+    return "l-" + uuid.uuid4().hex[:16]
 
 
 class LockedHandle(BlockHandle):

@@ -11,8 +11,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
-import time
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -29,26 +27,17 @@ from snapback.drivers.storage.base import (
     ProgressFn,
     StoragePool,
 )
-from snapback.drivers.storage.local import direct, fresh, layers, tracking
+from snapback.drivers.storage.local import direct, fresh, layers, snapshots, tracking
+from snapback.drivers.storage.local.layers import new_layer_id
 from snapback.drivers.storage.local.meta import (
     LOCK,
     META,
-    ParentMeta,
-    Pending,
-    SnapMeta,
     VolumeMeta,
     flock,
     load,
     save,
 )
 from snapback.drivers.storage.nbd import NbdHandle
-
-READ_ONLY = 0o444
-WRITABLE = 0o644
-
-
-def new_layer_id() -> str:
-    return "l-" + uuid.uuid4().hex[:16]
 
 
 class LocalPool(StoragePool):
@@ -209,7 +198,7 @@ class LocalPool(StoragePool):
         progress: ProgressFn | None = None,
     ) -> None:
         with self.locked(name) as meta:
-            layer = self._snapshot(meta, snapshot).layer if snapshot else meta.head
+            layer = snapshots.lookup(self, meta, snapshot).layer if snapshot else meta.head
             size = meta.snapshots[snapshot].size if snapshot else meta.size
             layers.export_file(
                 str(self.layer_path(name, layer)), dest, fmt, progress=progress, total=size
@@ -220,7 +209,7 @@ class LocalPool(StoragePool):
     ) -> BlockHandle:
         with contextlib.ExitStack() as stack:  # the lock goes with the handle, or on error
             meta = stack.enter_context(self.locked(name))
-            layer = self._snapshot(meta, snapshot).layer if snapshot else meta.head
+            layer = snapshots.lookup(self, meta, snapshot).layer if snapshot else meta.head
             path = str(self.layer_path(name, layer))
             if read_only or snapshot is not None:  # nothing writes these files meanwhile
                 handle = direct.open_read_only(path)
@@ -245,7 +234,7 @@ class LocalPool(StoragePool):
 
     def allocated_extents(self, volume: str, snapshot: str | None) -> list[tuple[int, int]]:
         with self.locked(volume) as meta:
-            layer = self._snapshot(meta, snapshot).layer if snapshot else meta.head
+            layer = snapshots.lookup(self, meta, snapshot).layer if snapshot else meta.head
             extents = qemu_img.map_extents(str(self.layer_path(volume, layer)), "qcow2")
         return [(e.start, e.length) for e in extents if e.data]
 
@@ -271,93 +260,25 @@ class LocalPool(StoragePool):
     def attachment(self, name: str) -> Attachment:
         return Attachment("file", str(self.layer_path(name, self.load(name).head)), "qcow2")
 
-    # -- snapshots -------------------------------------------------------
-    def _snapshot(self, meta: VolumeMeta, snapshot: str) -> SnapMeta:
-        validate_name(snapshot, "snapshot name")
-        if snapshot not in meta.snapshots:
-            raise NotFound(f"snapshot {self.name}/{meta.name}@{snapshot} does not exist")
-        return meta.snapshots[snapshot]
-
+    # -- snapshots and clones (local/snapshots.py) -----------------------
     def create_snapshot(self, volume: str, snapshot: str) -> SnapshotInfo:
-        validate_name(snapshot, "snapshot name")
-        with self.locked(volume) as meta, self.meta_lock():
-            if snapshot in meta.snapshots:
-                raise Conflict(f"snapshot {self.name}/{volume}@{snapshot} already exists")
-            frozen, head = meta.head, new_layer_id()
-            qemu_img.create(
-                str(self.layer_path(volume, head)), meta.size, backing=f"{frozen}.qcow2"
-            )
-            tracking.carry(self.layer_path(volume, frozen), self.layer_path(volume, head))
-            meta.snapshots[snapshot] = SnapMeta(
-                layer=frozen, size=meta.size, created_at=time.time()
-            )
-            meta.layers[head] = frozen
-            meta.head = head
-            self.save(meta)
-            os.chmod(self.layer_path(volume, frozen), READ_ONLY)
-            return self._snapshot_info(meta, snapshot)
-
-    def _snapshot_info(self, meta: VolumeMeta, snapshot: str) -> SnapshotInfo:
-        snap = meta.snapshots[snapshot]
-        return SnapshotInfo(
-            name=snapshot,
-            size=snap.size,
-            protected=snap.protected,
-            created_at=snap.created_at,
-            children=tuple(self.children(meta.name, snapshot)),
-        )
+        return snapshots.create_snapshot(self, volume, snapshot)
 
     def list_snapshots(self, volume: str) -> list[SnapshotInfo]:
-        meta = self.load(volume)
-        snaps = sorted(meta.snapshots, key=lambda s: (meta.snapshots[s].created_at, s))
-        return [self._snapshot_info(meta, s) for s in snaps]
+        return snapshots.list_snapshots(self, volume)
 
     def rollback_snapshot(self, volume: str, snapshot: str) -> None:
-        with self.locked(volume) as meta, self.meta_lock():
-            snap = self._snapshot(meta, snapshot)
-            old, head = meta.head, new_layer_id()
-            qemu_img.create(
-                str(self.layer_path(volume, head)), snap.size, backing=f"{snap.layer}.qcow2"
-            )
-            del meta.layers[old]
-            meta.layers[head] = snap.layer
-            meta.head, meta.size = head, snap.size
-            self.save(meta)
-            self.layer_path(volume, old).unlink()
+        snapshots.rollback_snapshot(self, volume, snapshot)
 
     def delete_snapshot(self, volume: str, snapshot: str) -> None:
-        with self.locked(volume) as meta:
-            with self.meta_lock():
-                snap = self._snapshot(meta, snapshot)
-                clones = self.children(volume, snapshot)
-                if clones:
-                    raise HasDependents(f"snapshot {volume}@{snapshot} has clones", clones)
-                if snap.protected:
-                    raise Conflict(f"snapshot {volume}@{snapshot} is protected; unprotect it first")
-                del meta.snapshots[snapshot]
-                meta.pending = Pending("merge", snap.layer)
-                self.save(meta)
-            layers.finish_pending(self, meta)
+        snapshots.delete_snapshot(self, volume, snapshot)
 
     def protect_snapshot(self, volume: str, snapshot: str) -> None:
-        self._set_protected(volume, snapshot, True)
+        snapshots.set_protected(self, volume, snapshot, True)
 
     def unprotect_snapshot(self, volume: str, snapshot: str) -> None:
-        self._set_protected(volume, snapshot, False)
+        snapshots.set_protected(self, volume, snapshot, False)
 
-    def _set_protected(self, volume: str, snapshot: str, protected: bool) -> None:
-        with self.locked(volume) as meta, self.meta_lock():
-            snap = self._snapshot(meta, snapshot)
-            if not protected:
-                clones = self.children(volume, snapshot)
-                if clones:
-                    raise HasDependents(
-                        f"cannot unprotect {volume}@{snapshot}: it has clones", clones
-                    )
-            snap.protected = protected
-            self.save(meta)
-
-    # -- clones ----------------------------------------------------------
     def clone(
         self, volume: str, snapshot: str, child_pool: StoragePool, child: str, *, v2: bool = False
     ) -> VolumeInfo:
@@ -367,35 +288,10 @@ class LocalPool(StoragePool):
             raise InvalidInput(
                 "a local volume can only be cloned into a local pool of the same root"
             )
-        with self.locked(volume) as meta, self.meta_lock():
-            snap = self._snapshot(meta, snapshot)
-            if not snap.protected:
-                raise InvalidInput(
-                    f"snapshot {volume}@{snapshot} is not protected; protect it before cloning"
-                )
-            vdir = child_pool._reserve(child)
-            layer = new_layer_id()
-            backing = f"../../{self.name}/{volume}/{snap.layer}.qcow2"
-            qemu_img.create(str(vdir / f"{layer}.qcow2"), snap.size, backing=backing)
-            child_pool.save(
-                VolumeMeta(
-                    name=child,
-                    head=layer,
-                    size=snap.size,
-                    layers={layer: None},
-                    parent=ParentMeta(self.name, volume, snapshot),
-                )
-            )
-        return child_pool.volume_info(child)
+        return snapshots.clone(self, volume, snapshot, child_pool, child)
 
     def children(self, volume: str, snapshot: str) -> list[str]:
-        found = []
-        for pool_dir in sorted(p for p in self.root.iterdir() if p.is_dir()):
-            for vdir in sorted(p for p in pool_dir.iterdir() if (p / META).is_file()):
-                parent = load(vdir).parent
-                if parent == ParentMeta(self.name, volume, snapshot):
-                    found.append(f"{pool_dir.name}/{vdir.name}")
-        return found
+        return snapshots.children(self, volume, snapshot)
 
     def parent(self, volume: str) -> ParentRef | None:
         return self.volume_info(volume).parent

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 from snapback.domain.errors import Conflict, HasDependents, InvalidInput
 from snapback.drivers.storage.base import Debris, TrashEntry
+from snapback.drivers.storage.rbd import snapshots
 from snapback.drivers.storage.rbd.cluster import bindings, translated
 
 if TYPE_CHECKING:
@@ -60,7 +61,7 @@ def empty_trash(pool: RbdPool, *, expired_only: bool = True) -> list[str]:
 def _drop_trashed_snaps(pool: RbdPool, image_id: str) -> bool:
     """Remove a trashed image's snapshots; False while one of them has clones."""
     with pool.image_by_id(image_id) as img:
-        for snap in pool._user_snaps(img):
+        for snap in snapshots.user_snaps(img):
             name = snap["name"]
             if img.is_protected_snap(name):
                 with pool.image_by_id(image_id, snapshot=name, read_only=True) as at:
@@ -77,7 +78,7 @@ def changed_extents(
     extents: list[tuple[int, int, bool]] = []
     with pool.image(volume, snapshot=snapshot, read_only=True) as img:
         if since is not None:
-            pool._has_snap(img, volume, since)
+            snapshots.has_snap(pool, img, volume, since)
 
         def add(offset: int, length: int, exists: bool) -> None:
             extents.append((offset, length, bool(exists)))
@@ -105,7 +106,7 @@ def remove_debris(pool: RbdPool, item: Debris) -> None:
     if not name.endswith(IMPORT_SUFFIX):
         raise InvalidInput(f"{item.path} is not debris of this driver")
     with pool.image(name) as img:
-        for snap in pool._user_snaps(img):
+        for snap in snapshots.user_snaps(img):
             img.remove_snap(snap["name"])
     pool.settle(name)
     with translated(item.path):

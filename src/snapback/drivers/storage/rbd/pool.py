@@ -17,13 +17,8 @@ import contextlib
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from snapback.domain.errors import (
-    Conflict,
-    HasDependents,
-    InvalidInput,
-    NotFound,
-)
-from snapback.domain.models import DiskFormat, ParentRef, Progress, SnapshotInfo, VolumeInfo
+from snapback.domain.errors import HasDependents, InvalidInput
+from snapback.domain.models import DiskFormat, ParentRef, SnapshotInfo, VolumeInfo
 from snapback.domain.names import validate_name
 from snapback.drivers.imagefmt.inspector import InspectedImage
 from snapback.drivers.storage.base import (
@@ -35,7 +30,7 @@ from snapback.drivers.storage.base import (
     StoragePool,
     TrashEntry,
 )
-from snapback.drivers.storage.rbd import access, closing, housekeeping
+from snapback.drivers.storage.rbd import access, closing, housekeeping, snapshots
 from snapback.drivers.storage.rbd.cluster import bindings, cluster, translated
 from snapback.drivers.storage.rbd.handle import RbdHandle
 from snapback.drivers.storage.rbd.housekeeping import IMPORT_SUFFIX
@@ -164,7 +159,7 @@ class RbdPool(StoragePool):
                 size,
                 order=order,
                 old_format=False,
-                features=_features(rbd),
+                features=snapshots.features(rbd),
                 stripe_unit=opts.stripe_unit,
                 stripe_count=opts.stripe_count,
             )
@@ -226,7 +221,7 @@ class RbdPool(StoragePool):
             pass  # its snapshots go first, if none has clones or is protected
         self._check_deletable(name)
         with self.image(name) as img:
-            for snap in self._user_snaps(img):
+            for snap in snapshots.user_snaps(img):
                 img.remove_snap(snap["name"])
         self.settle(name)
         with translated(self._spec(name)):
@@ -277,133 +272,41 @@ class RbdPool(StoragePool):
         what = self._spec(name, snapshot)
         return self._open(what, name, name=name, snapshot=snapshot, read_only=read_only)
 
-    # -- snapshots -------------------------------------------------------------------
-    @staticmethod
-    def _user_snaps(img: Any) -> list[dict[str, Any]]:
-        _, rbd = bindings()
-        return [
-            s
-            for s in img.list_snaps()
-            if s.get("namespace", rbd.RBD_SNAP_NAMESPACE_TYPE_USER)
-            == rbd.RBD_SNAP_NAMESPACE_TYPE_USER
-        ]
-
-    def _has_snap(self, img: Any, volume: str, snapshot: str) -> dict[str, Any]:
-        validate_name(snapshot, "snapshot name")
-        for s in self._user_snaps(img):
-            if s["name"] == snapshot:
-                return s
-        raise NotFound(f"snapshot {self.name}/{volume}@{snapshot} does not exist")
-
+    # -- snapshots and clones (rbd/snapshots.py) -------------------------------------
     def create_snapshot(self, volume: str, snapshot: str) -> SnapshotInfo:
-        validate_name(snapshot, "snapshot name")
-        with self.image(volume) as img:
-            if any(s["name"] == snapshot for s in self._user_snaps(img)):
-                raise Conflict(f"snapshot {self.name}/{volume}@{snapshot} already exists")
-            img.create_snap(snapshot)
-        return self._snapshot_info(volume, snapshot)
-
-    def _snapshot_info(self, volume: str, snapshot: str) -> SnapshotInfo:
-        with self.image(volume, read_only=True) as img:
-            snap = self._has_snap(img, volume, snapshot)
-            created = img.get_snap_timestamp(snap["id"])
-            return SnapshotInfo(
-                name=snapshot,
-                size=int(snap["size"]),
-                protected=bool(img.is_protected_snap(snapshot)),
-                created_at=created.timestamp() if created else 0.0,
-                children=tuple(self.children(volume, snapshot)),
-            )
+        return snapshots.create_snapshot(self, volume, snapshot)
 
     def list_snapshots(self, volume: str) -> list[SnapshotInfo]:
-        with self.image(volume, read_only=True) as img:
-            names = [s["name"] for s in self._user_snaps(img)]
-        return [self._snapshot_info(volume, n) for n in names]
+        return snapshots.list_snapshots(self, volume)
 
     def rollback_snapshot(self, volume: str, snapshot: str) -> None:
-        with self.image(volume) as img:
-            self._has_snap(img, volume, snapshot)
-            img.rollback_to_snap(snapshot)
+        snapshots.rollback_snapshot(self, volume, snapshot)
 
     def delete_snapshot(self, volume: str, snapshot: str) -> None:
-        with self.image(volume) as img:
-            self._has_snap(img, volume, snapshot)
-            if img.is_protected_snap(snapshot):
-                raise HasDependents(
-                    f"snapshot {self.name}/{volume}@{snapshot} is protected; unprotect it first",
-                    [f"{volume}@{snapshot}"],
-                )
-            img.remove_snap(snapshot)  # with v2 clones it waits in the trash namespace
+        snapshots.delete_snapshot(self, volume, snapshot)
 
     def protect_snapshot(self, volume: str, snapshot: str) -> None:
-        with self.image(volume) as img:
-            self._has_snap(img, volume, snapshot)
-            if not img.is_protected_snap(snapshot):
-                img.protect_snap(snapshot)
+        snapshots.protect_snapshot(self, volume, snapshot)
 
     def unprotect_snapshot(self, volume: str, snapshot: str) -> None:
-        clones = self.children(volume, snapshot)
-        if clones:
-            raise HasDependents(
-                f"snapshot {self.name}/{volume}@{snapshot} has clones; flatten or delete them",
-                clones,
-            )
-        with self.image(volume) as img:
-            self._has_snap(img, volume, snapshot)
-            if img.is_protected_snap(snapshot):
-                img.unprotect_snap(snapshot)
+        snapshots.unprotect_snapshot(self, volume, snapshot)
 
-    # -- clones -----------------------------------------------------------------------
     def clone(
         self, volume: str, snapshot: str, child_pool: StoragePool, child: str, *, v2: bool = False
     ) -> VolumeInfo:
         if not isinstance(child_pool, RbdPool) or child_pool.conffile != self.conffile:
             raise InvalidInput("an rbd volume can only be cloned into an rbd pool of its cluster")
-        validate_name(child, "volume name")
-        _, rbd = bindings()
-        with self.image(volume, read_only=True) as img:
-            self._has_snap(img, volume, snapshot)
-            protected = bool(img.is_protected_snap(snapshot))
-        if not protected and not v2:
-            raise InvalidInput(
-                f"snapshot {volume}@{snapshot} is not protected; protect it before cloning "
-                "(or make a clone v2)"
-            )
-        handle = cluster(self.conffile)
-        key = "rbd_default_clone_format"
-        with _conf(handle, key, "2" if v2 else "1"), translated(child_pool._spec(child)):
-            rbd.RBD().clone(
-                self.ioctx(),
-                volume,
-                snapshot,
-                child_pool.ioctx(),
-                child,
-                features=_features(rbd),
-            )
-        return child_pool.volume_info(child)
+        return snapshots.clone(self, volume, snapshot, child_pool, child, v2=v2)
 
     def children(self, volume: str, snapshot: str) -> list[str]:
-        with self.image(volume, snapshot=snapshot, read_only=True) as img:
-            kids = img.list_children2()
-        return sorted(
-            f"{self.label(k['pool'], k.get('pool_namespace', ''))}/{k['image']}" for k in kids
-        )
+        return snapshots.children(self, volume, snapshot)
 
     def parent(self, volume: str) -> ParentRef | None:
         with self.image(volume, read_only=True) as img:
             return self._parent(img)
 
     def flatten(self, volume: str, progress: ProgressFn | None = None) -> None:
-        with self.image(volume) as img:
-            if self._parent(img) is None:
-                raise InvalidInput(f"volume {self.name}/{volume} has no parent; nothing to flatten")
-
-            def report(done: int, total: int) -> int:
-                if progress is not None:
-                    progress(Progress(done, total))
-                return 0
-
-            img.flatten(on_progress=report)
+        snapshots.flatten(self, volume, progress)
 
     # -- trash, change tracking, housekeeping (rbd/housekeeping.py) -----------------
     def trash_volume(self, name: str, delay: int) -> None:
@@ -431,26 +334,3 @@ class RbdPool(StoragePool):
 
     def recover(self) -> list[str]:
         return []  # every librbd call is atomic; half imports are debris
-
-
-def _features(rbd: Any) -> int:
-    """layering (clones), exclusive-lock + object-map + fast-diff (cheap diffs and du),
-    deep-flatten (flatten also frees the clone's snapshots from the parent)."""
-    return int(
-        rbd.RBD_FEATURE_LAYERING
-        | rbd.RBD_FEATURE_EXCLUSIVE_LOCK
-        | rbd.RBD_FEATURE_OBJECT_MAP
-        | rbd.RBD_FEATURE_FAST_DIFF
-        | rbd.RBD_FEATURE_DEEP_FLATTEN
-    )
-
-
-@contextlib.contextmanager
-def _conf(handle: Any, key: str, value: str) -> Iterator[None]:
-    """Set a client option for one call (clone format is chosen this way in librbd)."""
-    old = handle.conf_get(key)
-    handle.conf_set(key, value)
-    try:
-        yield
-    finally:
-        handle.conf_set(key, old)
