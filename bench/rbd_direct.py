@@ -6,7 +6,8 @@ within RAM), puts snapback's ``default`` and ``images`` pools on it, and for
 each --sizes value S: uploads an image holding S of data, defines an instance
 from it (not started: only the storage path is timed), then times --runs times
 
-- RBD snapshot create + protect, and a clone of it (driver calls);
+- RBD snapshot create + protect, and a clone of it (driver calls); ``held``: how
+  long of the snapshot a guest frozen around it would wait (``GuestHold``);
 - ``instance image-create`` by the direct flow with --flatten never and
   background (usable at once) and now (the flatten copies S);
 - the peer: nova's full copy of the same disk (``qemu-img convert`` of the root
@@ -45,6 +46,7 @@ from snapback.drivers.storage.rbd import access as rbd_access
 from snapback.services.catalog_queries import live_volume
 from snapback.services.context import Context
 from snapback.services.image_create import ImageCreateService
+from snapback.services.image_create_rbd import GuestHold
 from snapback.services.images import ImageService
 from snapback.services.instances import InstanceService
 
@@ -79,12 +81,15 @@ def run_size(ctx: Context, conf: str, size: int, runs: int, tmp: Path) -> dict[s
         root = live_volume(s, "default", f"vm-{tag}-root").storage_name
     pool = RbdPool("default", conffile=conf, rados_pool="rbd")
     img_pool = RbdPool("images", conffile=conf)
-    res: dict[str, list[float]] = {k: [] for k in ("snap", "clone", "never", "bg", "now", "copy")}
+    keys = ("snap", "held", "clone", "never", "bg", "now", "copy")
+    res: dict[str, list[float]] = {k: [] for k in keys}
     for i in range(runs):
         snap = f"b{i}"
+        hold = GuestHold(lambda: True, lambda: None)  # what a frozen guest would wait
         res["snap"].append(
-            timed(lambda s=snap: (pool.create_snapshot(root, s), pool.protect_snapshot(root, s)))
+            timed(lambda s=snap, h=hold: pool.create_snapshot(root, s, protect=True, around=h))
         )
+        res["held"].append(hold.seconds)
         res["clone"].append(timed(lambda s=snap: pool.clone(root, s, img_pool, f"c-{tag}-{s}")))
         img_pool.delete_volume(f"c-{tag}-{snap}")
         pool.unprotect_snapshot(root, snap)
@@ -139,7 +144,7 @@ def main() -> None:
     if args.json:
         print(json.dumps(rows, indent=2))
         return
-    cols = ["data", "snap_s", "clone_s", "never_s", "bg_s", "now_s", "copy_s",
+    cols = ["data", "snap_s", "held_s", "clone_s", "never_s", "bg_s", "now_s", "copy_s",
             "clone_vs_copy", "never_vs_copy", "bg_vs_copy", "now_vs_copy"]  # fmt: skip
     print(f"medians of {args.runs} runs (seconds); *_vs_copy = ratio to the full copy")
     print("  ".join(f"{c:>13}" for c in cols))

@@ -164,6 +164,45 @@ def test_protection_and_clone_rules(make_pool: PoolFactory) -> None:
     assert pool.children("base", "gold") == ["vols/c1"]
 
 
+class Hold:
+    """An ``around`` that counts its entries and exits, and can refuse to be entered."""
+
+    def __init__(self, refuse: bool = False) -> None:
+        self.refuse, self.entered, self.left = refuse, 0, 0
+
+    def __enter__(self) -> None:
+        if self.refuse:
+            raise RuntimeError("the guest agent does not answer")
+        self.entered += 1
+
+    def __exit__(self, *exc: object) -> None:
+        self.left += 1
+
+
+def test_a_snapshot_taken_protected_inside_a_hold(pool: StoragePool) -> None:
+    pool.create_volume("held", SIZE)
+    write(pool, "held", MIB, b"before" * 100)
+    hold = Hold()
+    info = pool.create_snapshot("held", "gold", protect=True, around=hold)
+    assert (hold.entered, hold.left) == (1, 1)
+    assert info.protected and [s.protected for s in pool.list_snapshots("held")] == [True]
+    with pytest.raises(Conflict):
+        pool.delete_snapshot("held", "gold")
+    write(pool, "held", MIB, b"after!" * 100)
+    assert read(pool, "held", MIB, 6, snapshot="gold") == b"before"
+    pool.clone("held", "gold", pool, "held-child")  # protected: clonable at once
+    assert read(pool, "held-child", MIB, 6) == b"before"
+    # a hold that cannot be taken (the guest would not freeze): no snapshot at all
+    with pytest.raises(RuntimeError, match="agent"):
+        pool.create_snapshot("held", "silver", protect=True, around=Hold(refuse=True))
+    assert [s.name for s in pool.list_snapshots("held")] == ["gold"]
+    pool.create_snapshot("held", "silver")  # the name is free; unprotected by default
+    assert {s.name: s.protected for s in pool.list_snapshots("held")} == {
+        "gold": True,
+        "silver": False,
+    }
+
+
 def test_flatten_keeps_bytes_and_ends_dependency(pool: StoragePool) -> None:
     pool.create_volume("base", SIZE)
     write(pool, "base", 2 * MIB, b"p" * MIB)

@@ -49,6 +49,28 @@ def new_storage() -> str:
     return "s-" + uuid.uuid4().hex[:20]
 
 
+class GuestHold:
+    """The guest's pause around the storage's snapshot call alone (the driver enters
+    it once the volume is open and leaves it before closing): its file systems
+    frozen when ``freeze`` says it froze them, then thawed; ``seconds`` is how long
+    that took, what the guest saw."""
+
+    def __init__(self, freeze: Callable[[], bool], thaw: Callable[[], None]) -> None:
+        self._freeze, self._thaw = freeze, thaw
+        self.frozen, self.seconds, self._t0 = False, 0.0, 0.0
+
+    def __enter__(self) -> None:
+        self._t0 = time.monotonic()
+        self.frozen = self._freeze()
+
+    def __exit__(self, *exc: object) -> None:
+        try:
+            if self.frozen:
+                self._thaw()
+        finally:
+            self.seconds = time.monotonic() - self._t0
+
+
 class DirectFlow:
     def __init__(self, ctx: Context) -> None:
         self.ctx = ctx
@@ -108,18 +130,11 @@ class DirectFlow:
 
         Returns the snapshot's storage name, the guest's pause and whether it was frozen.
         """
-        t0 = time.monotonic()
         src_snap = new_storage()
-        frozen = freeze()
         op.step("snapping", storage=src_snap)
-        try:
-            driver.create_snapshot(storage, src_snap)
-        finally:
-            if frozen:
-                thaw()
-        pause = time.monotonic() - t0
-        driver.protect_snapshot(storage, src_snap)
-        return src_snap, pause, frozen
+        hold = GuestHold(freeze, thaw)
+        driver.create_snapshot(storage, src_snap, protect=True, around=hold)
+        return src_snap, hold.seconds, hold.frozen
 
     def _record_source(
         self, op: journal.OpHandle, root_id: str, image_id: str, src_snap: str
@@ -145,8 +160,7 @@ class DirectFlow:
         """Step 4: the protected ``base`` snapshot of the clone; the volume is then read-only."""
         base = new_storage()
         op.step("basing", storage=base)
-        driver.create_snapshot(storage, base)
-        driver.protect_snapshot(storage, base)
+        driver.create_snapshot(storage, base, protect=True)
         with self.ctx.transaction() as s:
             s.add(
                 Snapshot(

@@ -187,8 +187,7 @@ class ImageService:
         driver.import_volume(vol.storage_name, str(staged), found, progress, consume=consume)
         op.step("imported")
         snap_storage = "s-" + uuid.uuid4().hex[:20]
-        driver.create_snapshot(vol.storage_name, snap_storage)
-        driver.protect_snapshot(vol.storage_name, snap_storage)
+        driver.create_snapshot(vol.storage_name, snap_storage, protect=True)
         op.step("snapshotted", snapshot=snap_storage)
         with self.ctx.transaction() as s:
             s.add(

@@ -14,6 +14,7 @@ driver still validates them, since a name must never become a path unchecked.
 from __future__ import annotations
 
 import abc
+import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Self
@@ -188,7 +189,21 @@ class StoragePool(abc.ABC):
 
     # -- snapshots -------------------------------------------------------
     @abc.abstractmethod
-    def create_snapshot(self, volume: str, snapshot: str) -> SnapshotInfo: ...
+    def create_snapshot(
+        self,
+        volume: str,
+        snapshot: str,
+        *,
+        protect: bool = False,
+        around: contextlib.AbstractContextManager[object] | None = None,
+    ) -> SnapshotInfo:
+        """Take snapshot ``snapshot`` of the volume; Conflict when the name is taken.
+
+        ``protect``: protected at once, in the same step where the storage can.
+        ``around``: entered just before the storage takes the snapshot and left
+        just after, so a guest frozen by it stays frozen for that moment only, not
+        while the volume is opened, closed or looked up; an error on entering it
+        takes no snapshot."""
 
     @abc.abstractmethod
     def list_snapshots(self, volume: str) -> list[SnapshotInfo]: ...

@@ -261,8 +261,15 @@ class LocalPool(StoragePool):
         return Attachment("file", str(self.layer_path(name, self.load(name).head)), "qcow2")
 
     # -- snapshots and clones (local/snapshots.py) -----------------------
-    def create_snapshot(self, volume: str, snapshot: str) -> SnapshotInfo:
-        return snapshots.create_snapshot(self, volume, snapshot)
+    def create_snapshot(
+        self,
+        volume: str,
+        snapshot: str,
+        *,
+        protect: bool = False,
+        around: contextlib.AbstractContextManager[object] | None = None,
+    ) -> SnapshotInfo:
+        return snapshots.create_snapshot(self, volume, snapshot, protect=protect, around=around)
 
     def list_snapshots(self, volume: str) -> list[SnapshotInfo]:
         return snapshots.list_snapshots(self, volume)

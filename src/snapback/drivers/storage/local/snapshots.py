@@ -9,6 +9,7 @@ only protected snapshots clone and only into a pool of the same root.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from typing import TYPE_CHECKING
@@ -41,18 +42,32 @@ def lookup(pool: LocalPool, meta: VolumeMeta, snapshot: str) -> SnapMeta:
     return meta.snapshots[snapshot]
 
 
-def create_snapshot(pool: LocalPool, volume: str, snapshot: str) -> SnapshotInfo:
+def create_snapshot(
+    pool: LocalPool,
+    volume: str,
+    snapshot: str,
+    *,
+    protect: bool = False,
+    around: contextlib.AbstractContextManager[object] | None = None,
+) -> SnapshotInfo:
+    """The head layer is frozen and a new one made on top; ``around`` holds that
+    switch (new layer, tracking carried over, metadata saved)."""
     validate_name(snapshot, "snapshot name")
     with pool.locked(volume) as meta, pool.meta_lock():
         if snapshot in meta.snapshots:
             raise Conflict(f"snapshot {pool.name}/{volume}@{snapshot} already exists")
         frozen, head = meta.head, new_layer_id()
-        qemu_img.create(str(pool.layer_path(volume, head)), meta.size, backing=f"{frozen}.qcow2")
-        tracking.carry(pool.layer_path(volume, frozen), pool.layer_path(volume, head))
-        meta.snapshots[snapshot] = SnapMeta(layer=frozen, size=meta.size, created_at=time.time())
-        meta.layers[head] = frozen
-        meta.head = head
-        pool.save(meta)
+        with around if around is not None else contextlib.nullcontext():
+            qemu_img.create(
+                str(pool.layer_path(volume, head)), meta.size, backing=f"{frozen}.qcow2"
+            )
+            tracking.carry(pool.layer_path(volume, frozen), pool.layer_path(volume, head))
+            meta.snapshots[snapshot] = SnapMeta(
+                layer=frozen, size=meta.size, created_at=time.time(), protected=protect
+            )
+            meta.layers[head] = frozen
+            meta.head = head
+            pool.save(meta)
         os.chmod(pool.layer_path(volume, frozen), READ_ONLY)
         return _snapshot_info(pool, meta, snapshot)
 

@@ -273,8 +273,15 @@ class RbdPool(StoragePool):
         return self._open(what, name, name=name, snapshot=snapshot, read_only=read_only)
 
     # -- snapshots and clones (rbd/snapshots.py) -------------------------------------
-    def create_snapshot(self, volume: str, snapshot: str) -> SnapshotInfo:
-        return snapshots.create_snapshot(self, volume, snapshot)
+    def create_snapshot(
+        self,
+        volume: str,
+        snapshot: str,
+        *,
+        protect: bool = False,
+        around: contextlib.AbstractContextManager[object] | None = None,
+    ) -> SnapshotInfo:
+        return snapshots.create_snapshot(self, volume, snapshot, protect=protect, around=around)
 
     def list_snapshots(self, volume: str) -> list[SnapshotInfo]:
         return snapshots.list_snapshots(self, volume)

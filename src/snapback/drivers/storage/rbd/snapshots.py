@@ -53,12 +53,27 @@ def has_snap(pool: RbdPool, img: Any, volume: str, snapshot: str) -> dict[str, A
     raise NotFound(f"snapshot {pool.name}/{volume}@{snapshot} does not exist")
 
 
-def create_snapshot(pool: RbdPool, volume: str, snapshot: str) -> SnapshotInfo:
+def create_snapshot(
+    pool: RbdPool,
+    volume: str,
+    snapshot: str,
+    *,
+    protect: bool = False,
+    around: contextlib.AbstractContextManager[object] | None = None,
+) -> SnapshotInfo:
+    """One read-write open for the snapshot and its protection; ``around`` holds
+    the snapshot call alone. The open, the name check and the close (which waits
+    until the image is ``closing.GRACE_RW_S`` old: 0.1 s of the 0.12 s this took)
+    stay outside it, so a guest frozen by ``around`` is frozen about 20 ms instead
+    of 120 (a memstore cluster here)."""
     validate_name(snapshot, "snapshot name")
     with pool.image(volume) as img:
         if any(s["name"] == snapshot for s in user_snaps(img)):
             raise Conflict(f"snapshot {pool.name}/{volume}@{snapshot} already exists")
-        img.create_snap(snapshot)
+        with around if around is not None else contextlib.nullcontext():
+            img.create_snap(snapshot)
+        if protect:
+            img.protect_snap(snapshot)
     return _snapshot_info(pool, volume, snapshot)
 
 
