@@ -146,10 +146,15 @@ def changes(driver: StoragePool, plan: DiskPlan) -> list[tuple[int, int]] | None
     return found
 
 
-def take_point(driver: StoragePool, plan: DiskPlan) -> None:
-    """The disk's point in time: a snapshot, or a bitmap started now."""
+def take_point(
+    driver: StoragePool,
+    plan: DiskPlan,
+    around: contextlib.AbstractContextManager[object] | None = None,
+) -> None:
+    """The disk's point in time: a snapshot (``around`` held for the snapshot call
+    alone), or a bitmap started now."""
     if plan.snap is not None:
-        driver.create_snapshot(plan.storage, plan.snap)
+        driver.create_snapshot(plan.storage, plan.snap, around=around)
     if plan.tracker is not None:
         driver.start_tracking(plan.storage, plan.tracker)
 

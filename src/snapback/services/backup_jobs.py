@@ -118,6 +118,21 @@ class Job:
         }
 
 
+class JobHold:
+    """``Job.hold`` and ``Job.release`` as a context manager: what a driver enters
+    around the storage's snapshot call alone (``StoragePool.create_snapshot``)."""
+
+    def __init__(self, job: Job, op: journal.OpHandle, points: int) -> None:
+        self.job, self.op, self.points = job, op, points
+        self.held: Held = None
+
+    def __enter__(self) -> None:
+        self.held = self.job.hold(self.op, self.points)
+
+    def __exit__(self, *exc: object) -> None:
+        self.job.release(self.op, self.held)
+
+
 def instance_job(ctx: Context, name: str, quiesce: str) -> Job:
     """All disks of an instance, its definition, and whether it runs."""
     from snapback.services.instances import InstanceService

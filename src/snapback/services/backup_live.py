@@ -24,7 +24,7 @@ from snapback.drivers.storage.base import BlockHandle
 from snapback.drivers.storage.nbd import ExportHandle
 from snapback.services import backup_capture as cap
 from snapback.services import journal
-from snapback.services.backup_jobs import Job
+from snapback.services.backup_jobs import Job, JobHold
 from snapback.services.context import Context
 
 Extents = list[tuple[int, int]]
@@ -46,15 +46,20 @@ def points(
             yield found
         return
     changed: dict[str, Extents | None] = {}
-    held = job.hold(op, points=len(plans))
-    try:
-        for plan in plans:
-            driver = ctx.pool(plan.pool)
-            if plan.by == "bitmap":  # read before the new bitmap starts
-                changed[plan.target] = cap.changes(driver, plan)
-            cap.take_point(driver, plan)
-    finally:
-        job.release(op, held)
+    if len(plans) == 1 and plans[0].by == "snapshot" and plans[0].snap is not None:
+        # one storage snapshot: the guest is held for the snapshot call alone, not
+        # while the driver opens and closes the volume
+        cap.take_point(ctx.pool(plans[0].pool), plans[0], around=JobHold(job, op, points=1))
+    else:
+        held = job.hold(op, points=len(plans))
+        try:
+            for plan in plans:
+                driver = ctx.pool(plan.pool)
+                if plan.by == "bitmap":  # read before the new bitmap starts
+                    changed[plan.target] = cap.changes(driver, plan)
+                cap.take_point(driver, plan)
+        finally:
+            job.release(op, held)
     changed |= _snapshot_changes(ctx, plans)
     yield Points(
         changed,
