@@ -117,6 +117,11 @@ def _absurd_size(d: Path) -> Path:
     return patch(good_qcow2(d / "absurd-size.qcow2"), 24, ">Q", 1 << 62)
 
 
+def _size_not_in_sectors(d: Path) -> Path:
+    """QEMU would round 16 MiB - 1 down to whole sectors: another size than declared."""
+    return patch(good_qcow2(d / "odd-size.qcow2"), 24, ">Q", (16 << 20) - 1)
+
+
 def _huge_refcount_table(d: Path) -> Path:
     return patch(good_qcow2(d / "huge-reftable.qcow2"), 56, ">I", 1 << 20)
 
@@ -162,6 +167,7 @@ HOSTILE: dict[str, Callable[[Path], Path]] = {
     "unknown incompatible feature": _unknown_feature,
     "encrypted qcow2": _encrypted,
     "absurd virtual size": _absurd_size,
+    "virtual size not in whole sectors": _size_not_in_sectors,
     "huge refcount table": _huge_refcount_table,
     "L1 table past the end": _l1_past_end,
     "qcow version 1": _version_1,

@@ -13,7 +13,7 @@ from snapback.domain.errors import UnsafeImage
 from snapback.domain.models import DiskFormat
 from snapback.drivers.imagefmt.inspector import inspect
 from tests.conftest import Cli, make_raw
-from tests.hostile import HOSTILE, good_qcow2, truncations
+from tests.hostile import HOSTILE, good_qcow2, patch, qemu_img, truncations
 
 MIB = 1 << 20
 
@@ -39,6 +39,34 @@ def test_truncated_at_every_cluster_boundary(tmp_path: Path) -> None:
     for path in cuts:
         with pytest.raises(UnsafeImage, match=r"beyond the end|truncated"):
             inspect(str(path), DiskFormat.QCOW2)
+
+
+@pytest.mark.timeout(20)
+def test_l1_entries_naming_one_l2_table_cost_one_read(tmp_path: Path) -> None:
+    """Found by scripts/fuzz.py: a small file whose L1 entries all point at one L2
+    table made the inspector check that table once per entry (15 s for 896 KiB)."""
+    path = tmp_path / "aliased.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", str(path), "32T")  # an L1 of 65536 entries
+    subprocess.run(
+        ["qemu-io", "-f", "qcow2", "-c", "write -P 0x5a 0 64k", str(path)],
+        check=True,
+        capture_output=True,
+    )
+    data = path.read_bytes()
+    l1_off, l1_size = int.from_bytes(data[40:48], "big"), int.from_bytes(data[36:40], "big")
+    first = data[l1_off : l1_off + 8]
+    assert l1_size == 65536 and int.from_bytes(first, "big")  # one L2 table, named once
+    with open(path, "r+b") as f:
+        f.seek(l1_off)
+        f.write(first * l1_size)  # every entry names that table
+    found = inspect(str(path), DiskFormat.QCOW2)
+    assert found.format is DiskFormat.QCOW2 and found.virtual_size == 32 << 40
+
+
+def test_size_not_in_sectors_is_refused_with_its_reason(tmp_path: Path) -> None:
+    path = patch(good_qcow2(tmp_path / "odd.qcow2"), 24, ">Q", (16 << 20) - 1)
+    with pytest.raises(UnsafeImage, match="not a whole number of 512-byte sectors"):
+        inspect(str(path), DiskFormat.QCOW2)
 
 
 def test_declared_format_must_match(tmp_path: Path) -> None:

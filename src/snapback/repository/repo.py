@@ -214,7 +214,7 @@ class Repository:
             raise Conflict(f"{key} already exists in {self.backend.url}")
         return oid
 
-    def _get_json(self, kind: int, prefix: str, oid: str, *, content_named: bool) -> Any:
+    def _get_json(self, kind: int, prefix: str, oid: str, *, content_named: bool) -> dict[str, Any]:
         key = f"{prefix}/{oid}"
         try:
             blob = self.backend.get(key)
@@ -224,9 +224,12 @@ class Repository:
         if content_named and self.sealer.content_id(plain) != oid:
             raise DamagedObject(f"{key} does not hold what its name says")
         try:
-            return json.loads(plain)
-        except ValueError as exc:
+            doc = json.loads(plain)
+        except (ValueError, RecursionError) as exc:  # nested past Python's stack
             raise DamagedObject(f"{key} is not readable") from exc
+        if not isinstance(doc, dict):
+            raise DamagedObject(f"{key} is not readable: not a JSON object")
+        return doc
 
     def put_index(self, doc: dict[str, Any]) -> str:
         return self._put_json(INDEX, "indexes", doc, None)

@@ -120,13 +120,19 @@ class Sealer:
         self._level = level
         self._local = threading.local()  # zstd contexts are per thread, reused
 
-    def _compressor(self) -> zstandard.ZstdCompressor:
-        c: zstandard.ZstdCompressor | None = getattr(self._local, "c", None)
+    def _compressor(self, checksum: bool = False) -> zstandard.ZstdCompressor:
+        """This thread's zstd context; ``checksum``: frames carry zstd's XXH64 of their
+        content, which the decompressor checks (backup records: in an unencrypted
+        repository nothing else would notice a damaged one, since a record is named
+        by its backup id, not by its content)."""
+        name = "c_sum" if checksum else "c"
+        c: zstandard.ZstdCompressor | None = getattr(self._local, name, None)
         if c is None:
             params = zstandard.ZstdCompressionParameters.from_level(
-                self._level, window_log=WINDOW_LOG, hash_log=HASH_LOG
+                self._level, window_log=WINDOW_LOG, hash_log=HASH_LOG, write_checksum=checksum
             )
-            c = self._local.c = zstandard.ZstdCompressor(compression_params=params)
+            c = zstandard.ZstdCompressor(compression_params=params)
+            setattr(self._local, name, c)
         return c
 
     def content_id(self, plain: bytes | bytearray | memoryview) -> str:
@@ -149,7 +155,7 @@ class Sealer:
         compressed payload is not copied again just to put its header in front."""
         if len(plain) > MAX_PLAIN:
             raise RepositoryError(f"object {name} is too large ({len(plain)} bytes)")
-        payload = self._compressor().compress(plain)
+        payload = self._compressor(checksum=kind == RECORD).compress(plain)
         flags = FLAG_ZSTD
         if self._aead is not None:
             flags |= FLAG_ENCRYPTED
@@ -174,6 +180,8 @@ class Sealer:
         if bool(flags & FLAG_ENCRYPTED) != (self._aead is not None):
             raise DamagedObject(f"object {name}: encryption flag does not match the repository")
         if self._aead is not None:
+            if len(payload) < NONCE + 16:  # AES-GCM would refuse the nonce with a ValueError
+                raise DamagedObject(f"object {name} is truncated ({len(blob)} bytes)")
             try:
                 payload = self._aead.decrypt(
                     payload[:NONCE], payload[NONCE:], header + name.encode()
