@@ -277,7 +277,7 @@ class ImageCreateService:
             root_id=plan.volume_id,
             flatten=flatten,
             freeze=freeze,
-            thaw=lambda: self._thaw(op, plan),
+            thaw=lambda: ops.fs_thaw(self.ctx.hypervisor, plan.domain, wait=ops.THAW_WAIT_S),
             progress=progress,
         )
         clock.pause = float(found.pop("snapback.time_guest_pause_s"))

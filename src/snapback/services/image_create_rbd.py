@@ -55,7 +55,7 @@ class GuestHold:
     frozen when ``freeze`` says it froze them, then thawed; ``seconds`` is how long
     that took, what the guest saw."""
 
-    def __init__(self, freeze: Callable[[], bool], thaw: Callable[[], None]) -> None:
+    def __init__(self, freeze: Callable[[], bool], thaw: Callable[[], object]) -> None:
         self._freeze, self._thaw = freeze, thaw
         self.frozen, self.seconds, self._t0 = False, 0.0, 0.0
 
@@ -84,7 +84,7 @@ class DirectFlow:
         root_id: str,
         flatten: str,
         freeze: Callable[[], bool],
-        thaw: Callable[[], None],
+        thaw: Callable[[], object],
         progress: ProgressFn | None,
     ) -> dict[str, str]:
         """Steps 1-5 inside the caller's journaled operation; returns image properties."""
@@ -124,7 +124,7 @@ class DirectFlow:
         driver: StoragePool,
         storage: str,
         freeze: Callable[[], bool],
-        thaw: Callable[[], None],
+        thaw: Callable[[], object],
     ) -> tuple[str, float, bool]:
         """Step 1: snapshot the root disk (frozen if the guest lets us), then protect it.
 
@@ -134,6 +134,8 @@ class DirectFlow:
         op.step("snapping", storage=src_snap)
         hold = GuestHold(freeze, thaw)
         driver.create_snapshot(storage, src_snap, protect=True, around=hold)
+        if hold.frozen:  # journaled once the image is closed, not inside the hold
+            op.step("thawed")
         return src_snap, hold.seconds, hold.frozen
 
     def _record_source(
