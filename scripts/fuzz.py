@@ -599,17 +599,10 @@ def _qemu_findings(path: Path, found: InspectedImage, stats: Stats) -> list[tupl
     fmt = found.format.value
     stats.qemu_runs += 1
     info = _qemu(["qemu-img", "info", "--output=json", "-f", fmt, str(path)])
-    if info is None:
-        out.append(("qemu-info:hang", f"qemu-img info -f {fmt} hung past {QEMU_TIMEOUT_S} s"))
-    elif info.returncode < 0:
-        out.append(
-            (
-                f"qemu-info:signal{-info.returncode}",
-                f"qemu-img info -f {fmt} died of signal {-info.returncode}: "
-                f"{info.stderr.strip()[:200]}",
-            )
-        )
-    elif info.returncode != 0:
+    failed = _died("info", f"qemu-img info -f {fmt}", info)
+    if failed is not None:
+        out.append(failed)
+    elif info is None or info.returncode != 0:
         stats.qemu_refused += 1
     else:
         doc = json.loads(info.stdout)
@@ -636,20 +629,28 @@ def _qemu_findings(path: Path, found: InspectedImage, stats: Stats) -> list[tupl
     if fmt == "qcow2":
         stats.qemu_runs += 1
         check = _qemu(["qemu-img", "check", "-f", "qcow2", str(path)])
-        if check is None:
-            out.append(("qemu-check:hang", f"qemu-img check hung past {QEMU_TIMEOUT_S} s"))
-        elif check.returncode < 0:
-            out.append(
-                (
-                    f"qemu-check:signal{-check.returncode}",
-                    f"qemu-img check died of signal {-check.returncode}: "
-                    f"{check.stderr.strip()[:200]}",
-                )
-            )
-        elif check.returncode != 0:
+        failed = _died("check", "qemu-img check", check)
+        if failed is not None:
+            out.append(failed)
+        elif check is not None and check.returncode != 0:
             stats.check_flagged += 1
             stats.extra[f"qemu-img check exit {check.returncode}"] += 1
     return out
+
+
+def _died(
+    op: str, what: str, result: subprocess.CompletedProcess[str] | None
+) -> tuple[str, str] | None:
+    """A finding when qemu-img hung (``result`` None) or died of a signal."""
+    if result is None:
+        return f"qemu-{op}:hang", f"{what} hung past {QEMU_TIMEOUT_S} s"
+    if result.returncode < 0:
+        sig = -result.returncode
+        return (
+            f"qemu-{op}:signal{sig}",
+            f"{what} died of signal {sig}: {result.stderr.strip()[:200]}",
+        )
+    return None
 
 
 def run_inspector(args: argparse.Namespace, rec: Recorder, work: Path, limits: Limits) -> Stats:
@@ -694,7 +695,7 @@ def run_inspector(args: argparse.Namespace, rec: Recorder, work: Path, limits: L
                 detail=_format_exc(exc),
             )
             continue
-        except Exception as exc:
+        except Exception as exc:  # the oracle: any other error is the finding, kept whole
             limits.stop()
             rec.add(
                 "inspector",
@@ -1060,7 +1061,7 @@ def run_repository(args: argparse.Namespace, rec: Recorder, work: Path, limits: 
                     extra=_repo_extra(obj, obj.plain),
                 )
                 continue
-            except Exception as exc:
+            except Exception as exc:  # the oracle: any other error is the finding, kept whole
                 limits.stop()
                 rec.add(
                     "repository",
