@@ -43,17 +43,12 @@ def test_tour_reports_every_step(pool: str) -> None:
         assert leftovers.returncode == 1, leftovers.stdout  # its cluster was stopped
 
 
-def test_progress_bar_on_a_terminal(cli: Cli, tmp_path: Path) -> None:
-    raw = make_raw(tmp_path / "p.raw", 64 * MIB, {i * MIB: b"p" * MIB for i in range(0, 64, 4)})
+def on_a_terminal(cli: Cli, *args: str) -> tuple[str, bytes]:
+    """Run the CLI with stderr on a pseudo-terminal: (what was drawn there, stdout)."""
     master, slave = pty.openpty()
     env = {**os.environ, "SNAPBACK_HOME": str(cli.home)}
     proc = subprocess.run(
-        [SNAPBACK, "volume", "import", "p", "--file", str(raw)],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=slave,
-        check=True,
-        timeout=60,
+        [SNAPBACK, *args], env=env, stdout=subprocess.PIPE, stderr=slave, check=True, timeout=60
     )
     os.close(slave)
     drawn = b""
@@ -66,11 +61,27 @@ def test_progress_bar_on_a_terminal(cli: Cli, tmp_path: Path) -> None:
             break
         drawn += chunk
     os.close(master)
-    text = drawn.decode(errors="replace")
+    return drawn.decode(errors="replace"), proc.stdout
+
+
+def test_progress_bar_on_a_terminal(cli: Cli, tmp_path: Path) -> None:
+    raw = make_raw(tmp_path / "p.raw", 64 * MIB, {i * MIB: b"p" * MIB for i in range(0, 64, 4)})
+    text, stdout = on_a_terminal(cli, "volume", "import", "p", "--file", str(raw))
     assert "import [" in text and "100.0%" in text and "ETA" in text, text
-    assert b"import [" not in proc.stdout  # the bar never pollutes stdout
+    assert b"import [" not in stdout  # the bar never pollutes stdout
     piped = cli("volume", "export", "p", "--file", str(tmp_path / "o.raw"))
     assert "[" not in piped.stderr  # no bar when stderr is not a terminal
+    # backups and restores: bytes done of all, rate and time left
+    repo = str(tmp_path / "repo")
+    cli("repo", "init", repo)
+    text, _ = on_a_terminal(cli, "backup", "create", "p", "--repo", repo)
+    final = text.strip().split("\r")[-1]
+    assert final.startswith("backup [") and "100.0%" in final, text
+    assert "64 MiB/64 MiB" in final and "/s ETA" in final, final
+    backup_id = cli.json("backup", "list", "--repo", repo)[0]["id"]
+    text, _ = on_a_terminal(cli, "backup", "restore", backup_id, "--repo", repo, "--to-volume", "q")
+    final = text.strip().split("\r")[-1]
+    assert final.startswith("restore [") and "100.0%" in final and "/s ETA" in final, text
 
 
 def test_bootstrap_is_quiet_when_done() -> None:

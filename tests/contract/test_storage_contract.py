@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import subprocess
 from pathlib import Path
@@ -201,6 +202,48 @@ def test_a_snapshot_taken_protected_inside_a_hold(pool: StoragePool) -> None:
         "gold": True,
         "silver": False,
     }
+
+
+def test_snapshots_prepared_together_are_taken_in_one_hold(pool: StoragePool) -> None:
+    """An instance's disks: every volume opened and every name checked first, then all
+    snapshots taken inside one hold of the guest."""
+    disks = ("d1", "d2")
+    for name in disks:
+        pool.create_volume(name, SIZE)
+        write(pool, name, MIB, name.encode() * 3)
+    pool.create_snapshot("d2", "taken")
+    # a name already taken is refused on preparing, before any hold: nothing is made
+    with pytest.raises(Conflict), contextlib.ExitStack() as stack:
+        stack.enter_context(pool.prepare_snapshot("d1", "point"))
+        stack.enter_context(pool.prepare_snapshot("d2", "taken"))
+    with pool.prepare_snapshot("d1", "point"):
+        pass  # prepared, never taken
+    assert pool.list_snapshots("d1") == []
+    hold = Hold()
+    with contextlib.ExitStack() as stack:
+        prepared = (pool.prepare_snapshot(d, "point", protect=True) for d in disks)
+        takes = [stack.enter_context(p) for p in prepared]
+        with hold:
+            for take in takes:
+                take()
+    assert (hold.entered, hold.left) == (1, 1)
+    for name in disks:
+        write(pool, name, MIB, b"after!")
+        assert pool.snapshot_info(name, "point").protected
+        assert read(pool, name, MIB, 6, snapshot="point") == name.encode() * 3
+        assert read(pool, name, MIB, 6) == b"after!"
+    # an error once the first is taken: it exists, unprotected, so that the caller can
+    # remove it; the second was never taken
+    with pytest.raises(RuntimeError, match="boom"), contextlib.ExitStack() as stack:
+        prepared = (pool.prepare_snapshot(d, "p2", protect=True) for d in disks)
+        takes = [stack.enter_context(p) for p in prepared]
+        takes[0]()
+        raise RuntimeError("boom")
+    assert not pool.snapshot_info("d1", "p2").protected
+    pool.delete_snapshot("d1", "p2")
+    with pytest.raises(NotFound):
+        pool.snapshot_info("d2", "p2")
+    assert [s.name for s in pool.list_snapshots("d2")] == ["taken", "point"]
 
 
 def test_flatten_keeps_bytes_and_ends_dependency(pool: StoragePool) -> None:

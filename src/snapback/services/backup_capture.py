@@ -18,13 +18,14 @@ from __future__ import annotations
 
 import contextlib
 import uuid
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from typing import Any
 
 from snapback.catalog.models import Snapshot, Volume
 from snapback.domain.errors import NotFound
 from snapback.domain.models import SnapshotStatus
-from snapback.drivers.storage.base import TRACKER_PREFIX, BlockHandle, StoragePool
+from snapback.drivers.storage.base import TRACKER_PREFIX, BlockHandle, StoragePool, TakeSnapshot
 from snapback.services.context import Context
 
 # A backup of an RBD volume keeps its snapshot as the next one's diff base, catalogued
@@ -146,17 +147,18 @@ def changes(driver: StoragePool, plan: DiskPlan) -> list[tuple[int, int]] | None
     return found
 
 
-def take_point(
-    driver: StoragePool,
-    plan: DiskPlan,
-    around: contextlib.AbstractContextManager[object] | None = None,
-) -> None:
-    """The disk's point in time: a snapshot (``around`` held for the snapshot call
-    alone), or a bitmap started now."""
+@contextlib.contextmanager
+def prepare_point(driver: StoragePool, plan: DiskPlan) -> Iterator[TakeSnapshot]:
+    """The disk's point in time in two steps (``StoragePool.prepare_snapshot``): a
+    snapshot, its volume opened and the name checked on entering, taken by the
+    callable; or a bitmap, started by the callable."""
     if plan.snap is not None:
-        driver.create_snapshot(plan.storage, plan.snap, around=around)
-    if plan.tracker is not None:
-        driver.start_tracking(plan.storage, plan.tracker)
+        with driver.prepare_snapshot(plan.storage, plan.snap) as take:
+            yield take
+        return
+    tracker = plan.tracker
+    assert tracker is not None
+    yield lambda: driver.start_tracking(plan.storage, tracker)
 
 
 def open_point(driver: StoragePool, plan: DiskPlan) -> BlockHandle:

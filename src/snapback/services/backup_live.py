@@ -46,20 +46,16 @@ def points(
             yield found
         return
     changed: dict[str, Extents | None] = {}
-    if len(plans) == 1 and plans[0].by == "snapshot" and plans[0].snap is not None:
-        # one storage snapshot: the guest is held for the snapshot call alone, not
-        # while the driver opens and closes the volume
-        cap.take_point(ctx.pool(plans[0].pool), plans[0], around=JobHold(job, op, points=1))
-    else:
-        held = job.hold(op, points=len(plans))
-        try:
-            for plan in plans:
-                driver = ctx.pool(plan.pool)
-                if plan.by == "bitmap":  # read before the new bitmap starts
-                    changed[plan.target] = cap.changes(driver, plan)
-                cap.take_point(driver, plan)
-        finally:
-            job.release(op, held)
+    for plan in plans:
+        if plan.by == "bitmap":  # read before the new bitmap starts
+            changed[plan.target] = cap.changes(ctx.pool(plan.pool), plan)
+    with contextlib.ExitStack() as opened:
+        # every volume opened and every name checked first: a running guest is held
+        # for the storage's snapshot calls alone, not while volumes open and close
+        takes = [opened.enter_context(cap.prepare_point(ctx.pool(p.pool), p)) for p in plans]
+        with JobHold(job, op, points=len(plans)):
+            for take in takes:
+                take()
     changed |= _snapshot_changes(ctx, plans)
     yield Points(
         changed,
@@ -91,13 +87,13 @@ def _live(
         with contextlib.suppress(HypervisorError):  # no such bitmap: tracking is lost
             backup_job.redefine_checkpoint(hv, domain, parent, targets, others)
     with contextlib.ExitStack() as stack:
-        held = job.hold(op, points=1 + len(on_rbd))
-        try:
-            sock, incremental = _begin(ctx, stack, domain, (targets, others), checkpoint, parent)
-            for plan in on_rbd:
-                cap.take_point(ctx.pool(plan.pool), plan)
-        finally:
-            job.release(op, held)
+        with contextlib.ExitStack() as opened:  # opened before the hold, as above
+            takes = [opened.enter_context(cap.prepare_point(ctx.pool(p.pool), p)) for p in on_rbd]
+            with JobHold(job, op, points=1 + len(on_rbd)):
+                disks = (targets, others)
+                sock, incremental = _begin(ctx, stack, domain, disks, checkpoint, parent)
+                for take in takes:
+                    take()
         op.step("exported")
         changed = _snapshot_changes(ctx, plans)
         for plan in local:

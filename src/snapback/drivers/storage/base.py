@@ -28,6 +28,7 @@ from snapback.drivers.imagefmt.inspector import InspectedImage
 TRACKER_PREFIX = "snapback-"
 
 ProgressFn = Callable[[Progress], None]
+TakeSnapshot = Callable[[], None]  # StoragePool.prepare_snapshot's second step
 
 
 @dataclass(frozen=True)
@@ -189,6 +190,20 @@ class StoragePool(abc.ABC):
 
     # -- snapshots -------------------------------------------------------
     @abc.abstractmethod
+    def prepare_snapshot(
+        self, volume: str, snapshot: str, *, protect: bool = False
+    ) -> contextlib.AbstractContextManager[TakeSnapshot]:
+        """A snapshot in two steps, so that several (of one or more pools) can be
+        taken inside one short hold of a guest. Entering opens or locks the volume
+        and checks the name: Conflict when it is taken, before anything is held. The
+        callable it gives takes the snapshot (call it once), and nothing else.
+        Leaving protects it when ``protect`` and no error came after the call, then
+        closes. Left without the call, nothing is made and the name stays free."""
+
+    @abc.abstractmethod
+    def snapshot_info(self, volume: str, snapshot: str) -> SnapshotInfo:
+        """One snapshot of the volume; NotFound when it has none of that name."""
+
     def create_snapshot(
         self,
         volume: str,
@@ -204,6 +219,10 @@ class StoragePool(abc.ABC):
         just after, so a guest frozen by it stays frozen for that moment only, not
         while the volume is opened, closed or looked up; an error on entering it
         takes no snapshot."""
+        hold = around if around is not None else contextlib.nullcontext()
+        with self.prepare_snapshot(volume, snapshot, protect=protect) as take, hold:
+            take()
+        return self.snapshot_info(volume, snapshot)
 
     @abc.abstractmethod
     def list_snapshots(self, volume: str) -> list[SnapshotInfo]: ...

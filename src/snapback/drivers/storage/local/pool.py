@@ -26,6 +26,7 @@ from snapback.drivers.storage.base import (
     Debris,
     ProgressFn,
     StoragePool,
+    TakeSnapshot,
 )
 from snapback.drivers.storage.local import direct, fresh, layers, snapshots, tracking
 from snapback.drivers.storage.local.layers import new_layer_id
@@ -261,15 +262,13 @@ class LocalPool(StoragePool):
         return Attachment("file", str(self.layer_path(name, self.load(name).head)), "qcow2")
 
     # -- snapshots and clones (local/snapshots.py) -----------------------
-    def create_snapshot(
-        self,
-        volume: str,
-        snapshot: str,
-        *,
-        protect: bool = False,
-        around: contextlib.AbstractContextManager[object] | None = None,
-    ) -> SnapshotInfo:
-        return snapshots.create_snapshot(self, volume, snapshot, protect=protect, around=around)
+    def prepare_snapshot(
+        self, volume: str, snapshot: str, *, protect: bool = False
+    ) -> contextlib.AbstractContextManager[TakeSnapshot]:
+        return snapshots.prepare_snapshot(self, volume, snapshot, protect=protect)
+
+    def snapshot_info(self, volume: str, snapshot: str) -> SnapshotInfo:
+        return snapshots.snapshot_info(self, volume, snapshot)
 
     def list_snapshots(self, volume: str) -> list[SnapshotInfo]:
         return snapshots.list_snapshots(self, volume)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import os
 import time
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
 from snapback.domain.errors import Conflict, HasDependents, InvalidInput, NotFound
@@ -42,34 +43,54 @@ def lookup(pool: LocalPool, meta: VolumeMeta, snapshot: str) -> SnapMeta:
     return meta.snapshots[snapshot]
 
 
-def create_snapshot(
-    pool: LocalPool,
-    volume: str,
-    snapshot: str,
-    *,
-    protect: bool = False,
-    around: contextlib.AbstractContextManager[object] | None = None,
-) -> SnapshotInfo:
-    """The head layer is frozen and a new one made on top; ``around`` holds that
-    switch (new layer, tracking carried over, metadata saved)."""
+@contextlib.contextmanager
+def prepare_snapshot(
+    pool: LocalPool, volume: str, snapshot: str, *, protect: bool = False
+) -> Iterator[Callable[[], None]]:
+    """The volume's lock is held from the name check to the end; the callable freezes
+    the head layer and makes a new one on top (new layer, tracking carried over,
+    metadata saved, under the pools' metadata lock). Leaving makes the frozen layer
+    read-only and, when no error came, records the protection."""
     validate_name(snapshot, "snapshot name")
-    with pool.locked(volume) as meta, pool.meta_lock():
+    with pool.locked(volume) as meta:
         if snapshot in meta.snapshots:
             raise Conflict(f"snapshot {pool.name}/{volume}@{snapshot} already exists")
-        frozen, head = meta.head, new_layer_id()
-        with around if around is not None else contextlib.nullcontext():
-            qemu_img.create(
-                str(pool.layer_path(volume, head)), meta.size, backing=f"{frozen}.qcow2"
-            )
-            tracking.carry(pool.layer_path(volume, frozen), pool.layer_path(volume, head))
-            meta.snapshots[snapshot] = SnapMeta(
-                layer=frozen, size=meta.size, created_at=time.time(), protected=protect
-            )
-            meta.layers[head] = frozen
-            meta.head = head
-            pool.save(meta)
-        os.chmod(pool.layer_path(volume, frozen), READ_ONLY)
-        return _snapshot_info(pool, meta, snapshot)
+        frozen: list[str] = []
+
+        def take() -> None:
+            with pool.meta_lock():
+                now = pool.load(volume)  # fresh: saved under the metadata lock alone
+                if snapshot in now.snapshots:
+                    raise Conflict(f"snapshot {pool.name}/{volume}@{snapshot} already exists")
+                below, head = now.head, new_layer_id()
+                qemu_img.create(
+                    str(pool.layer_path(volume, head)), now.size, backing=f"{below}.qcow2"
+                )
+                tracking.carry(pool.layer_path(volume, below), pool.layer_path(volume, head))
+                now.snapshots[snapshot] = SnapMeta(
+                    layer=below, size=now.size, created_at=time.time(), protected=False
+                )
+                now.layers[head] = below
+                now.head = head
+                pool.save(now)
+            frozen.append(below)
+
+        try:
+            yield take
+        finally:
+            for layer in frozen:
+                os.chmod(pool.layer_path(volume, layer), READ_ONLY)
+        if frozen and protect:
+            with pool.meta_lock():
+                now = pool.load(volume)
+                now.snapshots[snapshot].protected = True
+                pool.save(now)
+
+
+def snapshot_info(pool: LocalPool, volume: str, snapshot: str) -> SnapshotInfo:
+    meta = pool.load(volume)
+    lookup(pool, meta, snapshot)
+    return _snapshot_info(pool, meta, snapshot)
 
 
 def _snapshot_info(pool: LocalPool, meta: VolumeMeta, snapshot: str) -> SnapshotInfo:

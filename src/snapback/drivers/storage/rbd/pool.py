@@ -28,6 +28,7 @@ from snapback.drivers.storage.base import (
     Debris,
     ProgressFn,
     StoragePool,
+    TakeSnapshot,
     TrashEntry,
 )
 from snapback.drivers.storage.rbd import access, closing, housekeeping, snapshots
@@ -273,15 +274,13 @@ class RbdPool(StoragePool):
         return self._open(what, name, name=name, snapshot=snapshot, read_only=read_only)
 
     # -- snapshots and clones (rbd/snapshots.py) -------------------------------------
-    def create_snapshot(
-        self,
-        volume: str,
-        snapshot: str,
-        *,
-        protect: bool = False,
-        around: contextlib.AbstractContextManager[object] | None = None,
-    ) -> SnapshotInfo:
-        return snapshots.create_snapshot(self, volume, snapshot, protect=protect, around=around)
+    def prepare_snapshot(
+        self, volume: str, snapshot: str, *, protect: bool = False
+    ) -> contextlib.AbstractContextManager[TakeSnapshot]:
+        return snapshots.prepare_snapshot(self, volume, snapshot, protect=protect)
+
+    def snapshot_info(self, volume: str, snapshot: str) -> SnapshotInfo:
+        return snapshots.snapshot_info(self, volume, snapshot)
 
     def list_snapshots(self, volume: str) -> list[SnapshotInfo]:
         return snapshots.list_snapshots(self, volume)

@@ -10,7 +10,7 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from snapback.domain.errors import Conflict, HasDependents, InvalidInput, NotFound
@@ -53,31 +53,34 @@ def has_snap(pool: RbdPool, img: Any, volume: str, snapshot: str) -> dict[str, A
     raise NotFound(f"snapshot {pool.name}/{volume}@{snapshot} does not exist")
 
 
-def create_snapshot(
-    pool: RbdPool,
-    volume: str,
-    snapshot: str,
-    *,
-    protect: bool = False,
-    around: contextlib.AbstractContextManager[object] | None = None,
-) -> SnapshotInfo:
-    """One read-write open for the snapshot and its protection; ``around`` holds
-    the snapshot call alone. The open, the name check and the close (which waits
-    until the image is ``closing.GRACE_RW_S`` old: 0.1 s of the 0.12 s this took)
-    stay outside it, so a guest frozen by ``around`` is frozen about 20 ms instead
-    of 120 (a memstore cluster here)."""
+@contextlib.contextmanager
+def prepare_snapshot(
+    pool: RbdPool, volume: str, snapshot: str, *, protect: bool = False
+) -> Iterator[Callable[[], None]]:
+    """One read-write open for the name check, the snapshot and its protection; only
+    the callable's ``create_snap`` is meant to be inside a guest's hold. The open and
+    the close (which waits until the image is ``closing.GRACE_RW_S`` old: 0.1 s of
+    the 0.12 s a snapshot took) stay outside it, so a guest frozen for one snapshot
+    is frozen about 20 ms instead of 120, and for several about 20 ms each instead
+    of 120 each (a memstore cluster here)."""
     validate_name(snapshot, "snapshot name")
     with pool.image(volume) as img:
         if any(s["name"] == snapshot for s in user_snaps(img)):
             raise Conflict(f"snapshot {pool.name}/{volume}@{snapshot} already exists")
-        with around if around is not None else contextlib.nullcontext():
-            img.create_snap(snapshot)
-        if protect:
+        taken = False
+
+        def take() -> None:
+            nonlocal taken
+            with translated(f"snapshot {pool.name}/{volume}@{snapshot}"):
+                img.create_snap(snapshot)
+            taken = True
+
+        yield take
+        if taken and protect:
             img.protect_snap(snapshot)
-    return _snapshot_info(pool, volume, snapshot)
 
 
-def _snapshot_info(pool: RbdPool, volume: str, snapshot: str) -> SnapshotInfo:
+def snapshot_info(pool: RbdPool, volume: str, snapshot: str) -> SnapshotInfo:
     with pool.image(volume, read_only=True) as img:
         snap = has_snap(pool, img, volume, snapshot)
         created = img.get_snap_timestamp(snap["id"])
@@ -93,7 +96,7 @@ def _snapshot_info(pool: RbdPool, volume: str, snapshot: str) -> SnapshotInfo:
 def list_snapshots(pool: RbdPool, volume: str) -> list[SnapshotInfo]:
     with pool.image(volume, read_only=True) as img:
         names = [s["name"] for s in user_snaps(img)]
-    return [_snapshot_info(pool, volume, n) for n in names]
+    return [snapshot_info(pool, volume, n) for n in names]
 
 
 def rollback_snapshot(pool: RbdPool, volume: str, snapshot: str) -> None:

@@ -1,0 +1,164 @@
+"""What a repository keeps through kills, pruning and damage: a backup killed while it
+writes leaves every earlier backup whole and the repository checkable; an incremental
+restores after its parents are pruned; zero chunks cost nothing; a chunk gone missing
+is named by ``verify --read-data``."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from snapback.config import load_settings
+from snapback.services.catalog_queries import live_volume
+from snapback.services.context import Context
+from tests.conftest import Cli, assert_consistent, make_raw, write_bytes
+
+MIB = 1 << 20
+
+# Runs the CLI in a child process that kills itself (SIGKILL) just before the
+# repository is given the Nth object under a prefix: chunks half written, no
+# index, or no record. The rest is the real CLI against the real repository.
+KILLER = """
+import os, signal, sys
+from snapback.repository.backends import local
+prefix, nth = sys.argv[1], int(sys.argv[2])
+real, seen = local.LocalBackend.put_parts, [0]
+def put_parts(self, key, parts, *, overwrite=False):
+    if key.startswith(prefix):
+        seen[0] += 1
+        if seen[0] == nth:
+            os.kill(os.getpid(), signal.SIGKILL)
+    return real(self, key, parts, overwrite=overwrite)
+local.LocalBackend.put_parts = put_parts
+from snapback.cli.main import main
+sys.argv = ["snapback", *sys.argv[3:]]
+main()
+"""
+
+
+@pytest.fixture
+def repo(cli: Cli, tmp_path: Path) -> str:
+    path = str(tmp_path / "repo")
+    cli("repo", "init", path)
+    return path
+
+
+def backup(cli: Cli, name: str, repo: str, *extra: str) -> dict[str, Any]:
+    return json.loads(
+        cli("backup", "create", name, "--repo", repo, "--format", "json", *extra).stdout
+    )
+
+
+def exported(cli: Cli, name: str, tmp: Path) -> bytes:
+    out = tmp / f"{name}.raw"
+    out.unlink(missing_ok=True)
+    cli("volume", "export", name, "--file", str(out))
+    return out.read_bytes()
+
+
+def restored(cli: Cli, backup_id: str, repo: str, tmp: Path, name: str) -> bytes:
+    cli("backup", "restore", backup_id, "--repo", repo, "--to-volume", name)
+    return exported(cli, name, tmp)
+
+
+def write(cli: Cli, name: str, offset: int, data: bytes) -> None:
+    ctx = Context(load_settings(cli.home))
+    with ctx.sessions() as s:
+        storage = live_volume(s, "default", name).storage_name
+    write_bytes(ctx, "default", storage, offset, data)
+
+
+@pytest.mark.parametrize(
+    ("prefix", "nth"),
+    [("chunks/", 3), ("indexes/", 1), ("backups/", 1)],
+    ids=["chunks", "index", "record"],
+)
+def test_backup_killed_while_it_writes_the_repository(
+    cli: Cli, repo: str, tmp_path: Path, prefix: str, nth: int
+) -> None:
+    src = make_raw(
+        tmp_path / "d.raw", 64 * MIB, {i * MIB: os.urandom(MIB) for i in range(0, 64, 2)}
+    )
+    cli("volume", "import", "v", "--file", str(src))
+    first = backup(cli, "v", repo)
+    write(cli, "v", 0, os.urandom(40 * MIB))  # ten chunks change
+    before_kill = exported(cli, "v", tmp_path)
+    env = {**os.environ, "SNAPBACK_HOME": str(cli.home)}
+    argv = [sys.executable, "-c", KILLER, prefix, str(nth), "backup", "create", "v", "--repo", repo]
+    killed = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=120)
+    assert killed.returncode == -9, killed.stderr
+    # the repository is checkable: the killed backup left at most unreferenced objects
+    check = cli.json("repo", "check", repo, "--read-data")
+    assert check["problems"] == [] and check["backups"] == 1, check
+    assert [b["id"] for b in cli.json("backup", "list", "--repo", repo)] == [first["id"]]
+    assert restored(cli, first["id"], repo, tmp_path, "r-first") == src.read_bytes()
+    cli("gc")  # the killed operation is rolled back: its bitmap goes, the parent's stays
+    nxt = backup(cli, "v", repo)
+    assert nxt["parent"] == first["id"] and nxt["change_tracking"] == "dirty-bitmap", nxt["note"]
+    assert restored(cli, nxt["id"], repo, tmp_path, "r-next") == before_kill
+    assert cli.json("repo", "check", repo, "--read-data")["problems"] == []
+    assert_consistent(Context(load_settings(cli.home)))
+
+
+def test_an_incremental_restores_after_its_parents_are_pruned(
+    cli: Cli, repo: str, tmp_path: Path
+) -> None:
+    src = make_raw(
+        tmp_path / "d.raw", 48 * MIB, {0: os.urandom(8 * MIB), 24 * MIB: os.urandom(MIB)}
+    )
+    cli("volume", "import", "v", "--file", str(src))
+    made = [backup(cli, "v", repo)]
+    for n in range(3):  # a chain: full, then three incrementals, each changing one chunk
+        write(cli, "v", (4 + 4 * n) * MIB + 4096, os.urandom(MIB))
+        made.append(backup(cli, "v", repo))
+        assert made[-1]["mode"] == "incremental" and made[-1]["parent"] == made[-2]["id"]
+    want = exported(cli, "v", tmp_path)
+    done = cli.json("repo", "prune", repo, "--keep-last", "1")
+    assert sorted(done["remove"]) == sorted(b["id"] for b in made[:3])
+    assert done["gc"]["removed"]  # the chunks only the pruned backups had are gone
+    assert [b["id"] for b in cli.json("backup", "list", "--repo", repo)] == [made[-1]["id"]]
+    assert cli.json("repo", "check", repo, "--read-data")["problems"] == []
+    assert restored(cli, made[-1]["id"], repo, tmp_path, "r") == want
+    write(cli, "v", 40 * MIB, os.urandom(MIB))  # the chain goes on from the survivor
+    after = backup(cli, "v", repo)
+    assert after["parent"] == made[-1]["id"] and after["change_tracking"] == "dirty-bitmap"
+    assert restored(cli, after["id"], repo, tmp_path, "r-after") == exported(cli, "v", tmp_path)
+
+
+def test_zero_chunks_written_as_data_are_not_stored(cli: Cli, repo: str, tmp_path: Path) -> None:
+    """Zeros a guest wrote (allocated, not holes) cost no chunk, and restore as zeros."""
+    cli("volume", "create", "z", "--size", str(32 * MIB))
+    write(cli, "z", 0, os.urandom(MIB))
+    write(cli, "z", 8 * MIB, bytes(12 * MIB))  # three whole chunks of written zeros
+    b = backup(cli, "z", repo)
+    assert b["stats"]["read_bytes"] >= 16 * MIB  # the written zeros were read
+    assert b["stats"]["new_chunks"] == 1  # and stored nothing
+    index = cli.json("backup", "show", b["id"], "--repo", repo)
+    assert index["disks"][0]["size"] == 32 * MIB
+    assert restored(cli, b["id"], repo, tmp_path, "r") == exported(cli, "z", tmp_path)
+    assert cli.json("volume", "show", "r")["allocated"] < 4 * MIB  # zeros stayed holes
+
+
+def test_verify_names_a_chunk_gone_missing(cli: Cli, repo: str, tmp_path: Path) -> None:
+    src = make_raw(tmp_path / "d.raw", 16 * MIB, {0: os.urandom(MIB), 8 * MIB: os.urandom(MIB)})
+    cli("volume", "import", "v", "--file", str(src))
+    b = backup(cli, "v", repo)
+    victim = next(p for p in (Path(repo) / "chunks").rglob("*") if p.is_file())
+    victim.unlink()
+    for extra in ((), ("--read-data",)):
+        res = cli(
+            "backup", "verify", b["id"], "--repo", repo, "--format", "json", *extra, check=False
+        )
+        assert res.returncode == 8 and res.json()["missing"] == [victim.name], res.stdout
+    for extra in ((), ("--read-data",)):
+        check = cli("repo", "check", repo, "--format", "json", *extra, check=False)
+        assert check.returncode == 8 and victim.name in json.dumps(check.json()["problems"])
+    bad = cli("backup", "restore", b["id"], "--repo", repo, "--to-volume", "r", check=False)
+    assert bad.returncode != 0 and victim.name in bad.stderr
+    assert [v["name"] for v in cli.json("volume", "list")] == ["v"]  # no half-restored volume
