@@ -388,6 +388,8 @@ def test_rbd_volume_backup_restores_to_rbd_and_to_local(rbd_conf: str, tmp_path:
             out = tmp_path / f"{name}.raw"
             cli("volume", "export", name, "--pool", pool, "--file", str(out))
             assert out.read_bytes() == src.read_bytes(), pool
+            shown = cli.json("volume", "show", name, "--pool", pool)
+            assert shown["allocated"] < 16 * MIB, (pool, shown)  # zero runs stayed holes
         # one snapshot is kept as the next diff base: the last backup's
         snaps = [x["name"] for x in cli.json("snapshot", "list", "v")]
         assert snaps == [f"backup-{second['id']}"]
@@ -418,6 +420,8 @@ def test_rbd_volume_backup_restores_to_rbd_and_to_local(rbd_conf: str, tmp_path:
         assert cli.json("gc", "--dry-run")["debris"] == []  # the kept snapshot is explained
         # the newest backup deleted: gc names its diff base, then removes only that
         fifth = backup(cli, "v", repo)
+        assert fifth["change_tracking"] == "rbd-diff"  # tracking started again from fourth
+        assert fifth["stats"]["read_bytes"] == 0
         kept = f"backup-{fifth['id']}"
         assert [x["name"] for x in cli.json("snapshot", "list", "v")] == [kept]
         cli("backup", "delete", fifth["id"], "--repo", repo)
@@ -449,6 +453,14 @@ def test_prune_keeps_what_the_rules_say_and_frees_the_rest(
     made = [backup(cli, "v", repo, "--full")["id"] for _ in range(4)]
     refused = cli("repo", "prune", repo, check=False)
     assert refused.returncode == 5 and "--keep" in refused.stderr
+    # the four were made seconds apart: one an hour (a day, ...) keeps the newest, and
+    # the others unless an hour boundary fell between them
+    calendar = ("--keep-hourly", "1", "--keep-daily", "1", "--keep-weekly", "1",
+                "--keep-monthly", "1", "--keep-yearly", "1")  # fmt: skip
+    dry = cli.json("repo", "prune", repo, *calendar, "--dry-run")
+    assert made[-1] in dry["keep"] and sorted([*dry["keep"], *dry["remove"]]) == made
+    assert len(dry["keep"]) <= 2 and len(dry["remove"]) >= 2, dry
+    assert "daily" in " ".join(map(str, dry["keep"][made[-1]])), dry
     dry = cli.json("repo", "prune", repo, "--keep-last", "2", "--dry-run")
     assert sorted(dry["keep"]) == made[2:] and sorted(dry["remove"]) == made[:2]
     assert [b["id"] for b in cli.json("backup", "list", "--repo", repo)] == made

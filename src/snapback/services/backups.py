@@ -16,14 +16,13 @@ import contextlib
 import shutil
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from typing import Any
 
 from snapback.domain.errors import Conflict, InvalidInput, NotFound
 from snapback.domain.models import OperationStatus, Progress
 from snapback.drivers.hypervisor import snapshot_ops as ops
 from snapback.drivers.storage.base import TRACKER_PREFIX, ProgressFn
-from snapback.repository.repo import Repository, new_backup_id, open_backend, record_indexes
+from snapback.repository.repo import Repository, new_backup_id, open_backend
 from snapback.services import backup_capture as cap
 from snapback.services import backup_catalog, journal
 from snapback.services import backup_restore as restore_mod
@@ -31,25 +30,13 @@ from snapback.services.backup_io import store_chunks, store_file
 from snapback.services.backup_jobs import Job, instance_job
 from snapback.services.backup_live import Points
 from snapback.services.backup_live import points as backup_points
+from snapback.services.backup_verify import VerifyReport, verify_backup
 from snapback.services.catalog_queries import instance_using, live_volume
 from snapback.services.context import Context
 from snapback.services.volumes import VolumeService, volume_lock
 
 CREATE, RESTORE = "backup.create", "backup.restore"
 MODES = ("auto", "full", "incremental")
-
-
-@dataclass(frozen=True)
-class VerifyReport:
-    backup: str
-    chunks: int
-    checked_bytes: int
-    missing: list[str]
-    damaged: list[str]
-
-    @property
-    def ok(self) -> bool:
-        return not self.missing and not self.damaged
 
 
 def chunk_ranges(size: int, chunk: int, extents: list[tuple[int, int]]) -> Iterator[int]:
@@ -317,7 +304,7 @@ class BackupService:
             self.ctx, repo, backup_id, to_instance, pool_name, start, progress
         )
 
-    # -- verify ------------------------------------------------------------------------------
+    # -- verify (backup_verify.py) -------------------------------------------------------
     def verify(
         self,
         backup_id: str,
@@ -327,38 +314,8 @@ class BackupService:
         passphrase: str | None = None,
         progress: Callable[[Progress], None] | None = None,
     ) -> VerifyReport:
-        from snapback.repository.repo import chunk_key
-        from snapback.repository.sealing import DamagedObject
-
         repo = self.open_repo(repo_url, passphrase)
-        record = repo.get_record(backup_id)
-        missing, damaged, checked, total = [], [], 0, 0
-        for index_id in record_indexes(record):
-            try:
-                index = repo.get_index(index_id)
-            except NotFound:
-                missing.append(f"index {index_id}")
-                continue
-            except DamagedObject:
-                damaged.append(f"index {index_id}")
-                continue
-            ids = sorted({c for c in index["chunks"] if c})
-            total += len(ids)
-            for done, cid in enumerate(ids, 1):
-                if not read_data:
-                    if repo.backend.stat(chunk_key(cid)) is None:
-                        missing.append(cid)
-                else:
-                    try:
-                        checked += len(repo.get_chunk(cid))
-                    except NotFound:
-                        missing.append(cid)
-                    except DamagedObject:
-                        damaged.append(cid)
-                        repo.quarantine(cid)  # never reused by a later backup
-                if progress is not None:
-                    progress(Progress(done, len(ids)))
-        return VerifyReport(backup_id, total, checked, missing, damaged)
+        return verify_backup(repo, backup_id, read_data=read_data, progress=progress)
 
 
 def _store_boot_files(repo: Repository, job: Job) -> list[dict[str, Any]]:
