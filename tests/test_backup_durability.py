@@ -9,6 +9,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -22,24 +23,33 @@ from tests.conftest import Cli, assert_consistent, make_raw, write_bytes
 MIB = 1 << 20
 
 # Runs the CLI in a child process that kills itself (SIGKILL) just before the
-# repository is given the Nth object under a prefix: chunks half written, no
-# index, or no record. The rest is the real CLI against the real repository.
+# repository's folder backend is asked to write (``put_parts``) or delete
+# (``delete``) the Nth object under a prefix: chunks half written, no index, no
+# record; half a gc or prune. The rest is the real CLI against the real repository.
 KILLER = """
 import os, signal, sys
 from snapback.repository.backends import local
-prefix, nth = sys.argv[1], int(sys.argv[2])
-real, seen = local.LocalBackend.put_parts, [0]
-def put_parts(self, key, parts, *, overwrite=False):
+method, prefix, nth = sys.argv[1], sys.argv[2], int(sys.argv[3])
+real, seen = getattr(local.LocalBackend, method), [0]
+def hooked(self, key, *args, **kwargs):
     if key.startswith(prefix):
         seen[0] += 1
         if seen[0] == nth:
             os.kill(os.getpid(), signal.SIGKILL)
-    return real(self, key, parts, overwrite=overwrite)
-local.LocalBackend.put_parts = put_parts
+    return real(self, key, *args, **kwargs)
+setattr(local.LocalBackend, method, hooked)
 from snapback.cli.main import main
-sys.argv = ["snapback", *sys.argv[3:]]
+sys.argv = ["snapback", *sys.argv[4:]]
 main()
 """
+
+
+def killed_at(cli: Cli, method: str, prefix: str, nth: int, *args: str) -> None:
+    """Run ``snapback ARGS`` until the Nth ``method`` under ``prefix``, killed there."""
+    env = {**os.environ, "SNAPBACK_HOME": str(cli.home)}
+    argv = [sys.executable, "-c", KILLER, method, prefix, str(nth), *args]
+    res = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=120)
+    assert res.returncode == -9, res.stderr
 
 
 @pytest.fixture
@@ -89,10 +99,7 @@ def test_backup_killed_while_it_writes_the_repository(
     first = backup(cli, "v", repo)
     write(cli, "v", 0, os.urandom(40 * MIB))  # ten chunks change
     before_kill = exported(cli, "v", tmp_path)
-    env = {**os.environ, "SNAPBACK_HOME": str(cli.home)}
-    argv = [sys.executable, "-c", KILLER, prefix, str(nth), "backup", "create", "v", "--repo", repo]
-    killed = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=120)
-    assert killed.returncode == -9, killed.stderr
+    killed_at(cli, "put_parts", prefix, nth, "backup", "create", "v", "--repo", repo)
     # the repository is checkable: the killed backup left at most unreferenced objects
     check = cli.json("repo", "check", repo, "--read-data")
     assert check["problems"] == [] and check["backups"] == 1, check
@@ -162,3 +169,64 @@ def test_verify_names_a_chunk_gone_missing(cli: Cli, repo: str, tmp_path: Path) 
     bad = cli("backup", "restore", b["id"], "--repo", repo, "--to-volume", "r", check=False)
     assert bad.returncode != 0 and victim.name in bad.stderr
     assert [v["name"] for v in cli.json("volume", "list")] == ["v"]  # no half-restored volume
+
+
+def ids(cli: Cli, repo: str) -> list[str]:
+    return [b["id"] for b in cli.json("backup", "list", "--repo", repo)]
+
+
+@pytest.mark.parametrize("op", ["sync", "import", "gc", "prune"])
+def test_repository_upkeep_killed_half_way(cli: Cli, repo: str, tmp_path: Path, op: str) -> None:
+    """Killed half-way, each leaves both repositories checkable and every backup they
+    had whole; run again, it finishes; its dead lock holds nobody up."""
+    src = make_raw(
+        tmp_path / "d.raw", 32 * MIB, {i * MIB: os.urandom(MIB) for i in range(0, 32, 2)}
+    )
+    cli("volume", "import", "v", "--file", str(src))
+    made, want = [], []
+    for n in range(3):
+        if n:
+            write(cli, "v", (n - 1) * 8 * MIB, os.urandom(8 * MIB))
+        made.append(backup(cli, "v", repo)["id"])
+        want.append(exported(cli, "v", tmp_path))
+    other = str(tmp_path / "other")
+    cli("repo", "init", other, "--copy-keys-from", repo)
+    if op == "sync":
+        killed_at(cli, "put_parts", "chunks/", 3, "repo", "sync", repo, other)
+        again: tuple[str, ...] = ("repo", "sync", repo, other)
+        target, kept = other, []
+    elif op == "import":
+        archive = str(tmp_path / "last.tar")
+        cli("repo", "export", repo, made[2], "--file", archive)
+        killed_at(cli, "put_parts", "chunks/", 3, "repo", "import", other, "--file", archive)
+        again, target, kept = ("repo", "import", other, "--file", archive), other, []
+    elif op == "gc":
+        cli("backup", "delete", made[0], "--repo", repo)
+        killed_at(cli, "delete", "chunks/", 2, "repo", "gc", repo)
+        again, target, kept = ("repo", "gc", repo), repo, made[1:]
+    else:
+        killed_at(cli, "delete", "", 2, "repo", "prune", repo, "--keep-last", "1")
+        again, target = ("repo", "prune", repo, "--keep-last", "1"), repo
+        kept = ids(cli, repo)  # one of the two records it removes went first
+        assert len(kept) == 2 and kept[1] == made[2] and kept[0] in made[:2], kept
+    check = cli.json("repo", "check", target, "--read-data")
+    assert check["problems"] == [] and ids(cli, target) == kept, check
+    for backup_id in kept:
+        i = made.index(backup_id)
+        assert restored(cli, backup_id, target, tmp_path, f"k{i}") == want[i]
+    started = time.monotonic()
+    done = cli.json(*again)  # the dead process's lock is no one's: nothing waits
+    assert time.monotonic() - started < 60, done
+    if op in ("gc", "prune"):
+        freed = done if op == "gc" else done["gc"]
+        assert freed["removed"] and not freed["skipped"], freed
+    final = {"sync": made, "import": made[2:], "gc": made[1:], "prune": made[2:]}[op]
+    assert ids(cli, target) == final
+    check = cli.json("repo", "check", target, "--read-data")
+    assert check["problems"] == [] and check["unreferenced"] == 0, check
+    assert restored(cli, made[2], target, tmp_path, "last") == want[2]
+    assert cli.json("repo", "check", repo, "--read-data")["problems"] == []
+    write(cli, "v", 0, os.urandom(MIB))  # and backups go on at once
+    started = time.monotonic()
+    nxt = backup(cli, "v", repo)
+    assert time.monotonic() - started < 60 and nxt["change_tracking"] == "dirty-bitmap"

@@ -4,12 +4,15 @@ error, never other content (cases first found by scripts/fuzz.py)."""
 from __future__ import annotations
 
 import json
+import subprocess
+import time
 from pathlib import Path
 
 import pytest
 
+from snapback.repository import repo as repo_mod
 from snapback.repository.backends.local import LocalBackend
-from snapback.repository.repo import Repository, chunk_key
+from snapback.repository.repo import LOCK_STALE_S, Repository, chunk_key, holder, lock_stale
 from snapback.repository.sealing import RECORD, DamagedObject
 
 RECORD_DOC = {"id": "20261129T000000.000000Z-0badc0de", "parent": None, "disks": [], "n": 1}
@@ -76,3 +79,21 @@ def test_every_bit_flip_in_a_plain_record_is_caught_or_harmless(tmp_path: Path) 
     path.write_bytes(whole)
     assert repo.get_record(RECORD_DOC["id"]) == RECORD_DOC
     assert caught > 7 * len(whole)  # nearly every flip is caught, none slips through
+
+
+def test_a_lock_whose_holder_died_here_is_stale_at_once_others_by_heartbeat() -> None:
+    now = time.time()
+    mine = {"at": now, **holder()}
+    assert not lock_stale(mine, now)  # this process runs
+    child = subprocess.Popen(["sleep", "30"])
+    theirs = {**mine, "pid": child.pid, "pid_started": repo_mod._started(child.pid)}
+    assert not lock_stale(theirs, now)
+    child.kill()
+    child.wait()
+    assert lock_stale(theirs, now)  # killed on this machine: nobody waits 15 minutes
+    assert lock_stale({**mine, "pid_started": 1}, now)  # the pid now names another process
+    # another machine, container or boot: only the heartbeat can tell
+    assert not lock_stale({**theirs, "boot": "another-machine"}, now)
+    assert not lock_stale({**theirs, "pidns": 1}, now)
+    assert not lock_stale({"at": now}, now)  # a lock of a snapback before holders
+    assert lock_stale({**theirs, "boot": "another-machine", "at": now - LOCK_STALE_S}, now)

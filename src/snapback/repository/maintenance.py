@@ -7,7 +7,7 @@ import secrets
 from dataclasses import dataclass, field
 
 from snapback.domain.errors import NotFound
-from snapback.repository.repo import LOCK_STALE_S, Repository, chunk_key, record_indexes
+from snapback.repository.repo import Repository, chunk_key, lock_stale, record_indexes
 from snapback.repository.sealing import DamagedObject
 
 
@@ -79,7 +79,7 @@ def _stale_locks(repo: Repository, *, remove: bool) -> list[str]:
     for info in repo.backend.list_objects("locks/"):
         with contextlib.suppress(NotFound, ValueError):
             doc = json.loads(repo.backend.get(info.key))
-            if time.time() - float(doc.get("at", 0)) >= LOCK_STALE_S:
+            if lock_stale(doc, time.time()):
                 stale.append(info.key)
                 if remove:
                     repo.backend.delete(info.key)

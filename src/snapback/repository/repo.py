@@ -12,6 +12,7 @@ import importlib
 import json
 import os
 import secrets
+import socket
 import threading
 import time
 import uuid
@@ -295,6 +296,7 @@ class Repository:
 
         def write() -> None:
             doc = {"kind": kind, "id": lock_id, "started": started, "at": time.time(), **extra}
+            doc |= holder()
             self.backend.put(key, json.dumps(doc).encode(), overwrite=True)
             beat_at[0] = time.time()
 
@@ -330,9 +332,64 @@ class Repository:
                 continue
             with contextlib.suppress(NotFound, ValueError):
                 doc = json.loads(self.backend.get(info.key))
-                if now - float(doc.get("at", 0)) < LOCK_STALE_S:
+                if not lock_stale(doc, now):
                     found.append(doc)
         return found
+
+
+def holder() -> dict[str, Any]:
+    """Who writes a lock: enough for a process on the same machine to tell at once
+    that the holder died (this kernel's boot id, the pid namespace, the pid and that
+    pid's start time, since pids are reused); the host name is for people."""
+    pid = os.getpid()
+    return {"host": socket.gethostname(), "boot": _boot_id(), "pidns": _pid_namespace(),
+            "pid": pid, "pid_started": _started(pid)}  # fmt: skip
+
+
+def lock_stale(doc: dict[str, Any], now: float) -> bool:
+    """A lock whose heartbeat is older than ``LOCK_STALE_S``, or one written on this
+    running kernel, in this pid namespace, by a process that no longer runs (killed:
+    nobody waits out its 15 minutes). A lock of another machine, container or boot
+    is judged by its heartbeat alone."""
+    if now - float(doc.get("at", 0)) >= LOCK_STALE_S:
+        return True
+    boot = _boot_id()
+    if boot is None or doc.get("boot") != boot or doc.get("pidns") != _pid_namespace():
+        return False
+    try:
+        pid = int(doc["pid"])
+    except (KeyError, TypeError, ValueError):
+        return False
+    return pid > 0 and _started(pid) != doc.get("pid_started")
+
+
+def _boot_id() -> str | None:
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            return f.read().strip() or None
+    except OSError:
+        return None
+
+
+def _pid_namespace() -> int | None:
+    try:
+        return os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        return None
+
+
+def _started(pid: int) -> int | None:
+    """The process's start time (clock ticks after boot); None when it does not run."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return None
+    fields = stat[stat.rfind(b")") + 2 :].split()  # after "pid (comm) "
+    try:
+        return int(fields[19])  # field 22 of proc(5); fields here start at field 3
+    except (IndexError, ValueError):
+        return None
 
 
 def record_indexes(record: dict[str, Any]) -> list[str]:
