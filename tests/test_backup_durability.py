@@ -16,6 +16,8 @@ from typing import Any
 import pytest
 
 from snapback.config import load_settings
+from snapback.repository import repo as repo_mod
+from snapback.repository.repo import holder
 from snapback.services.catalog_queries import live_volume
 from snapback.services.context import Context
 from tests.conftest import Cli, assert_consistent, make_raw, write_bytes
@@ -230,3 +232,38 @@ def test_repository_upkeep_killed_half_way(cli: Cli, repo: str, tmp_path: Path, 
     started = time.monotonic()
     nxt = backup(cli, "v", repo)
     assert time.monotonic() - started < 60 and nxt["change_tracking"] == "dirty-bitmap"
+
+
+def test_repo_unlock_removes_dead_locks_and_with_all_live_ones(
+    cli: Cli, repo: str, tmp_path: Path
+) -> None:
+    """A gc killed on another machine leaves a lock this machine cannot judge dead
+    until its heartbeat is 15 minutes old: backups wait for it. ``repo unlock``
+    removes only dead holders' locks; ``--all`` removes that one too."""
+    cli(
+        "volume",
+        "import",
+        "v",
+        "--file",
+        str(make_raw(tmp_path / "d.raw", 8 * MIB, {0: b"d" * MIB})),
+    )
+    locks = Path(repo) / "locks"
+    locks.mkdir(exist_ok=True)
+    now = time.time()
+    child = subprocess.Popen(["sleep", "30"])
+    dead = {"kind": "backup", "id": "dead", "at": now, **holder(), "pid": child.pid}
+    dead["pid_started"] = repo_mod._started(child.pid)
+    child.kill()
+    child.wait()
+    remote = {"kind": "gc", "id": "remote", "at": now, **holder(), "boot": "another-machine"}
+    (locks / "backup-dead").write_text(json.dumps(dead))
+    (locks / "gc-remote").write_text(json.dumps(remote))
+    assert cli.json("repo", "unlock", repo)["removed"] == ["locks/backup-dead"]
+    assert sorted(p.name for p in locks.iterdir()) == ["gc-remote"]  # live as far as we know
+    assert cli.json("repo", "unlock", repo, "--all")["removed"] == ["locks/gc-remote"]
+    assert list(locks.iterdir()) == []
+    started = time.monotonic()
+    b = backup(cli, "v", repo)  # nothing to wait for any more
+    assert time.monotonic() - started < 60 and b["mode"] == "full"
+    bad = cli("repo", "unlock", str(tmp_path / "nowhere"), check=False)
+    assert bad.returncode == 3 and "holds no snapback repository" in bad.stderr

@@ -1,4 +1,4 @@
-"""``snapback repo gc | check | sync | prune``: upkeep of a repository's objects.
+"""``snapback repo gc | check | sync | prune | unlock``: upkeep of a repository's objects.
 
 Attached to the ``repo`` group of ``snapback.cli.backups`` by ``cli/main.py``.
 The repository code (zstd, ciphers) and the catalogue are loaded only when a
@@ -17,7 +17,7 @@ from snapback.cli.backups import (
     passphrase,
 )
 from snapback.cli.output import FORMAT_OPTION, emit, human_size
-from snapback.domain.errors import InvalidInput
+from snapback.domain.errors import InvalidInput, NotFound
 
 
 @click.command("gc")
@@ -39,6 +39,33 @@ def repo_gc(repo_url: str, dry_run: bool, passphrase_file: str | None, fmt: str)
             f"{g.unreferenced_chunks} chunks and {g.unreferenced_indexes} indexes unreferenced "
             f"({human_size(g.freed_bytes)}): " + ("removed" if g.removed else f"kept ({g.skipped})")
         ),
+    )
+
+
+@click.command("unlock")
+@click.argument("repo_url", metavar="REPO")
+@click.option(
+    "--all",
+    "everything",
+    is_flag=True,
+    help="Remove every lock, live ones too: only when no snapback anywhere uses REPO "
+    "(a gc could otherwise sweep chunks a running backup still needs).",
+)
+@FORMAT_OPTION
+def repo_unlock(repo_url: str, everything: bool, fmt: str) -> None:
+    """Remove the locks of dead processes: at once for a process of this machine that no
+    longer runs, else after 15 minutes without a heartbeat (gc does this too)."""
+    from snapback.repository.maintenance import unlock
+    from snapback.repository.repo import open_backend
+
+    backend = open_backend(repo_url)
+    if backend.stat("config") is None:  # no passphrase needed: locks are plain JSON
+        raise NotFound(f"{backend.url} holds no snapback repository ('repo init' it)")
+    removed = unlock(backend, everything=everything)
+    emit(
+        fmt,
+        {"removed": removed},
+        lambda o: f"{len(o['removed'])} locks removed" + "".join(f"\n  {k}" for k in o["removed"]),
     )
 
 
@@ -139,4 +166,4 @@ def repo_prune(
     )
 
 
-COMMANDS = (repo_gc, repo_check, repo_sync, repo_prune)
+COMMANDS = (repo_gc, repo_check, repo_sync, repo_prune, repo_unlock)

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import secrets
+import time
 from dataclasses import dataclass, field
 
 from snapback.domain.errors import NotFound
+from snapback.repository.backends import Backend
 from snapback.repository.repo import Repository, chunk_key, lock_stale, record_indexes
 from snapback.repository.sealing import DamagedObject
 
@@ -72,18 +75,21 @@ def gc(repo: Repository, *, dry_run: bool = False) -> GcReport:
 
 
 def _stale_locks(repo: Repository, *, remove: bool) -> list[str]:
-    import json
-    import time
+    return unlock(repo.backend, dry_run=not remove)
 
-    stale = []
-    for info in repo.backend.list_objects("locks/"):
+
+def unlock(backend: Backend, *, everything: bool = False, dry_run: bool = False) -> list[str]:
+    """The locks of dead processes (``lock_stale``), removed unless ``dry_run``; with
+    ``everything``, every lock (the operator knows no snapback uses the repository)."""
+    found = []
+    for info in backend.list_objects("locks/"):
         with contextlib.suppress(NotFound, ValueError):
-            doc = json.loads(repo.backend.get(info.key))
-            if lock_stale(doc, time.time()):
-                stale.append(info.key)
-                if remove:
-                    repo.backend.delete(info.key)
-    return stale
+            dead = everything or lock_stale(json.loads(backend.get(info.key)), time.time())
+            if dead:
+                found.append(info.key)
+                if not dry_run:
+                    backend.delete(info.key)
+    return found
 
 
 @dataclass
