@@ -59,7 +59,7 @@ def prepare_snapshot(
 
         def take() -> None:
             with pool.meta_lock():
-                now = pool.load(volume)  # fresh: saved under the metadata lock alone
+                now = pool.load(volume)  # read again under the lock every save takes
                 if snapshot in now.snapshots:
                     raise Conflict(f"snapshot {pool.name}/{volume}@{snapshot} already exists")
                 below, head = now.head, new_layer_id()
