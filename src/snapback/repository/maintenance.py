@@ -70,12 +70,8 @@ def gc(repo: Repository, *, dry_run: bool = False) -> GcReport:
             for key, _ in doomed:
                 repo.backend.delete(key)
             report.removed = True
-        report.stale_locks = _stale_locks(repo, remove=not dry_run)
+        report.stale_locks = unlock(repo.backend, dry_run=dry_run)
     return report
-
-
-def _stale_locks(repo: Repository, *, remove: bool) -> list[str]:
-    return unlock(repo.backend, dry_run=not remove)
 
 
 def unlock(backend: Backend, *, everything: bool = False, dry_run: bool = False) -> list[str]:
