@@ -6,8 +6,9 @@ how change tracking carries on (docs/backups.md, "Change tracking").
   one it replaces is dropped once the record is written (as cinder-backup does).
 - local qcow2 (``"bitmap"``): the volume is not in use (its instance is stopped
   and snapback holds its lock), so the backup reads the head itself and starts a
-  persistent dirty bitmap ``snapback-<backup id>`` on it at that moment; the
-  next backup reads the ranges it marks (NBD block status), then drops it.
+  persistent dirty bitmap ``snapback-<backup id>`` on it at that moment (while
+  it reads: nothing writes in between); the next backup reads the ranges it
+  marks, then drops it.
 
 When the base is gone (snapshot deleted, bitmap missing or stored uncleanly
 after a crash) the backup compares chunk hashes with the parent's index, says
@@ -151,20 +152,22 @@ def changes(driver: StoragePool, plan: DiskPlan) -> list[tuple[int, int]] | None
 def prepare_point(driver: StoragePool, plan: DiskPlan) -> Iterator[TakeSnapshot]:
     """The disk's point in time in two steps (``StoragePool.prepare_snapshot``): a
     snapshot, its volume opened and the name checked on entering, taken by the
-    callable; or a bitmap, started by the callable."""
+    callable. A stopped local disk has nothing to take here: nothing writes it while
+    the backup holds its lock, and its bitmap starts when it is opened (open_point)."""
     if plan.snap is not None:
         with driver.prepare_snapshot(plan.storage, plan.snap) as take:
             yield take
         return
-    tracker = plan.tracker
-    assert tracker is not None
-    yield lambda: driver.start_tracking(plan.storage, tracker)
+    yield lambda: None
 
 
 def open_point(driver: StoragePool, plan: DiskPlan) -> BlockHandle:
+    """The disk at its point in time: the backup's snapshot, or the stopped volume
+    itself with this backup's bitmap started on it as it is read."""
     if plan.snap is not None:
         return driver.open(plan.storage, snapshot=plan.snap)
-    return driver.open(plan.storage, read_only=True)
+    assert plan.tracker is not None
+    return driver.open_tracking(plan.storage, plan.tracker)
 
 
 def point_size(driver: StoragePool, plan: DiskPlan) -> int:

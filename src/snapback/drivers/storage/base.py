@@ -306,6 +306,14 @@ class StoragePool(abc.ABC):
         """Start recording the ranges written to ``volume`` from now on, as ``name``."""
         raise InvalidInput(f"pool {self.name} ({self.driver}) has no dirty bitmaps")
 
+    def open_tracking(self, volume: str, name: str) -> BlockHandle:
+        """``volume`` read-only as it is now, with ``start_tracking(volume, name)`` at
+        that same point: a backup's point in time on a volume nothing else writes. The
+        volume stays locked until the handle closes; a driver may start the tracking
+        while the handle is read, and then the close waits for it and raises its error."""
+        self.start_tracking(volume, name)
+        return self.open(volume, read_only=True)
+
     def tracked_changes(self, volume: str, name: str) -> list[tuple[int, int]] | None:
         """(offset, length) ranges written since ``start_tracking(volume, name)``, or
         None when that record is lost (never started, inconsistent after a crash,

@@ -8,8 +8,12 @@ copies. Ranges that read as zeroes cost nothing; compressed clusters (no
 offset) go through a read-only qemu-nbd export, opened only if such a range is
 read.
 
-Only for files that do not change while the handle is open: a snapshot's
-layers, or a stopped volume's head under its volume lock (a backup). Files the
+Only for files whose data does not change while the handle is open: a
+snapshot's layers, or a stopped volume's head under its volume lock (a backup).
+The one write allowed meanwhile is QEMU adding a dirty bitmap to that head
+(``tracking.open_tracking``): it writes the header, the bitmap directory and
+refcounts, in clusters no L1 or L2 entry names, and the reader took the header
+and the L1 table at open and reads L2 tables and data clusters only. Files the
 project did not make are never opened here (imports are inspected first), and
 a chain using an external data file is read through qemu-nbd instead.
 """
@@ -35,16 +39,25 @@ DIRECT_FORMATS = ("qcow2", "raw")
 _ZEROES = memoryview(bytes(4 << 20))  # sliced without a copy
 
 
+def open_mapped(path: str, before_qemu: Callable[[], None] | None = None) -> MappedReader | None:
+    """The chain ending in ``path`` mapped from the files' own tables (``qcow2_map``);
+    None when that reader has a doubt. ``before_qemu`` runs before the handle first
+    starts QEMU (compressed clusters)."""
+    try:
+        chain = Qcow2Chain(path)
+    except (Unreadable, UnicodeDecodeError, struct.error, OSError):
+        return None  # by design: a doubt of our reader is answered by QEMU, never a guess
+    return MappedReader(path, chain.size, chain.fds, chain.extents, chain.close, before_qemu)
+
+
 def open_read_only(path: str) -> BlockHandle:
     """A read-only handle on the chain ending in ``path``: mapped when every file keeps
     its data in itself (qcow2 or raw, no external data file, not encrypted), else
-    through qemu-nbd. The map comes from the files' own tables (``qcow2_map``), or
-    from QEMU when that reader has a doubt."""
-    try:
-        chain = Qcow2Chain(path)
-        return MappedReader(path, chain.size, chain.fds, chain.extents, chain.close)
-    except (Unreadable, UnicodeDecodeError, struct.error, OSError):
-        pass  # by design: a doubt of our reader is answered by QEMU below, never a guess
+    through qemu-nbd. The map comes from the files' own tables, or from QEMU when
+    our reader has a doubt."""
+    mapped = open_mapped(path)
+    if mapped is not None:
+        return mapped
     rows: list[dict[str, Any]] = qemu_img.info(path, "qcow2", chain=True)["chain"]
     for row in rows:
         data = row.get("format-specific", {}).get("data", {})
@@ -90,11 +103,14 @@ class MappedReader(BlockHandle):
         fds: list[int],
         extents: Callable[[int, int], list[qemu_img.Extent]],
         close: Callable[[], None],
+        before_qemu: Callable[[], None] | None = None,
     ) -> None:
         """Reads layer ``n`` of the chain through ``fds[n]``; ``extents(start, length)``
-        covers a range; ``close`` lets go of the descriptors."""
+        covers a range; ``close`` lets go of the descriptors; ``before_qemu`` runs
+        before the first qemu-nbd starts."""
         self._path, self._size, self._fds = path, size, fds
         self._extents, self._close = extents, close
+        self._before_qemu = before_qemu
         self._nbd: NbdHandle | None = None
         self._nbd_lock = threading.Lock()
 
@@ -140,6 +156,8 @@ class MappedReader(BlockHandle):
         if e.offset is None:  # compressed: only QEMU can read it
             with self._nbd_lock:
                 if self._nbd is None:
+                    if self._before_qemu is not None:
+                        self._before_qemu()
                     self._nbd = NbdHandle(self._path, read_only=True)
             out[:] = self._nbd.read(pos, n)
             return

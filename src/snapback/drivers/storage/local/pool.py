@@ -246,6 +246,12 @@ class LocalPool(StoragePool):
         with self.locked(volume) as meta:
             tracking.start(self.layer_path(volume, meta.head), name)
 
+    def open_tracking(self, volume: str, name: str) -> BlockHandle:
+        with contextlib.ExitStack() as stack:  # the lock goes with the handle, or on error
+            meta = stack.enter_context(self.locked(volume))
+            handle = tracking.open_tracking(self.layer_path(volume, meta.head), name, stack)
+            return layers.LockedHandle(handle, stack.pop_all())  # closes, waits, unlocks
+
     def tracked_changes(self, volume: str, name: str) -> list[tuple[int, int]] | None:
         with self.locked(volume) as meta:
             return tracking.changes(self, meta, name)

@@ -13,6 +13,14 @@ them: tracking is lost there, and the next backup says so and compares hashes.
 A bitmap flagged ``in-use`` in a file nobody has open was not stored cleanly
 (QEMU died): it may miss writes, so it counts as lost.
 
+A backup of a stopped volume reads its head and starts the next bitmap at one
+point in time: the volume's lock is held from before the read to after the
+bitmap, so nothing writes in between, and the ``qemu-img bitmap --add`` runs on
+a thread while the head is read (``open_tracking``) instead of before it: 12 to
+17 ms of each backup, about 5 % of an incremental of the bench disk. It waits
+for that thread before QEMU opens the chain itself (qemu-nbd for compressed
+clusters: the two would not share the file's lock).
+
 The bitmaps of a layer are read from the file itself (imagefmt/qcow2_bitmaps.py,
 a millisecond instead of a qemu-img and a qemu-nbd per layer); whatever that
 reader does not expect is asked of QEMU instead.
@@ -20,13 +28,17 @@ reader does not expect is asked of QEMU instead.
 
 from __future__ import annotations
 
+import contextlib
 import struct
+import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from snapback.domain.errors import ToolFailed
 from snapback.drivers.imagefmt import qcow2_bitmaps, qemu_img
-from snapback.drivers.storage.base import TRACKER_PREFIX
+from snapback.drivers.storage.base import TRACKER_PREFIX, BlockHandle
+from snapback.drivers.storage.local import direct
 from snapback.drivers.storage.local.meta import VolumeMeta
 from snapback.drivers.storage.nbd import dirty_extents
 
@@ -42,6 +54,45 @@ def start(head: Path, name: str) -> None:
     except ToolFailed:
         if name not in qemu_img.bitmaps(str(head)):
             raise
+
+
+def open_tracking(head: Path, name: str, waits: contextlib.ExitStack) -> BlockHandle:
+    """The chain ending in ``head`` read-only, and bitmap ``name`` started on ``head``
+    while it is read. The wait for the bitmap, which raises what stopped it, goes on
+    ``waits``, which the caller closes after the handle and before the volume's lock."""
+    job = _Job(lambda: start(head, name))
+    reader = direct.open_mapped(str(head), before_qemu=job.wait)
+    if reader is None:  # QEMU reads this chain and holds its lock: the bitmap first
+        start(head, name)
+        return direct.open_read_only(str(head))
+    job.begin()
+    waits.callback(job.wait)
+    return reader
+
+
+class _Job:
+    """One call on a thread of its own; ``wait`` joins it and raises its error once."""
+
+    def __init__(self, work: Callable[[], None]) -> None:
+        self._work = work
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="bitmap", daemon=True)
+
+    def begin(self) -> None:
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            self._work()
+        except BaseException as exc:  # handed to the thread that waits
+            self._error = exc
+
+    def wait(self) -> None:
+        if self._thread.ident is not None:
+            self._thread.join()
+        error, self._error = self._error, None
+        if error is not None:
+            raise error
 
 
 def stop(head: Path, name: str) -> None:
