@@ -57,6 +57,11 @@ def same_bytes(cli: Cli, repo: str, backup_id: str, name: str, tmp: Path) -> boo
     return got.read_bytes() == want.read_bytes()
 
 
+def tracked(ctx: Context, name: str) -> set[str]:
+    """The names of the dirty bitmaps on volume ``name``'s head, as QEMU lists them."""
+    return set(qemu_img.bitmaps(str(head(ctx, name))))
+
+
 def test_incrementals_read_only_what_the_bitmap_marks(cli: Cli, repo: str, tmp_path: Path) -> None:
     src = make_raw(tmp_path / "d.raw", 48 * MIB, {0: os.urandom(MIB), 20 * MIB: os.urandom(MIB)})
     cli("volume", "import", "v", "--file", str(src))
@@ -72,7 +77,8 @@ def test_incrementals_read_only_what_the_bitmap_marks(cli: Cli, repo: str, tmp_p
     second = backup(cli, "v", repo)
     assert second["change_tracking"] == "dirty-bitmap" and second["parent"] == full["id"]
     assert second["stats"]["read_bytes"] == 8 * MIB  # the two marked chunks, nothing else
-    assert list(qemu_img.bitmaps(str(head(ctx, "v")))) == [f"snapback-{second['id']}"]
+    # the parent's bitmap stays until the next backup: no qemu-img after the record
+    assert tracked(ctx, "v") == {f"snapback-{full['id']}", f"snapback-{second['id']}"}
     assert same_bytes(cli, repo, second["id"], "v", tmp_path)
 
     # a snapshot moves the head: the bitmap goes on with it; deleting the snapshot
@@ -84,10 +90,22 @@ def test_incrementals_read_only_what_the_bitmap_marks(cli: Cli, repo: str, tmp_p
     assert third["change_tracking"] == "dirty-bitmap"
     assert third["stats"]["read_bytes"] == 4 * MIB
     assert same_bytes(cli, repo, third["id"], "v", tmp_path)
+    # the full backup's bitmap went while the third read: the chain needs it no more
+    assert tracked(ctx, "v") == {f"snapback-{second['id']}", f"snapback-{third['id']}"}
 
     unchanged = backup(cli, "v", repo)
     assert unchanged["change_tracking"] == "dirty-bitmap"
     assert unchanged["stats"]["read_bytes"] == 0 and unchanged["stats"]["new_chunks"] == 0
+
+    # the newest backup deleted, the next one follows the one before it, by its bitmap
+    cli("backup", "delete", unchanged["id"], "--repo", repo)
+    write(ctx, "v", 9 * MIB, os.urandom(4096))  # chunk 2
+    after = backup(cli, "v", repo)
+    assert after["parent"] == third["id"] and after["change_tracking"] == "dirty-bitmap"
+    assert after["stats"]["read_bytes"] == 4 * MIB
+    assert same_bytes(cli, repo, after["id"], "v", tmp_path)
+    cli("gc")  # the deleted backup's bitmap goes; the chain's stay
+    assert tracked(ctx, "v") == {f"snapback-{third['id']}", f"snapback-{after['id']}"}
     assert_consistent(ctx)
 
 
@@ -145,14 +163,15 @@ def test_gc_removes_the_tracking_of_backups_the_catalogue_forgot(
     cli: Cli, repo: str, tmp_path: Path
 ) -> None:
     """A deleted backup's bitmap would be marked by QEMU for ever: gc removes it, and
-    only it; the next backup notices and compares hashes."""
+    only it; the next backup follows the one before, whose bitmap the chain kept."""
     src = make_raw(tmp_path / "d.raw", 32 * MIB, {0: os.urandom(2 * MIB)})
     cli("volume", "import", "v", "--file", str(src))
     ctx = Context(load_settings(cli.home))
     first = backup(cli, "v", repo)
     write(ctx, "v", 8 * MIB, os.urandom(MIB))
     second = backup(cli, "v", repo)
-    assert list(qemu_img.bitmaps(str(head(ctx, "v")))) == [f"snapback-{second['id']}"]
+    both = {f"snapback-{first['id']}", f"snapback-{second['id']}"}
+    assert tracked(ctx, "v") == both
     assert cli.json("gc")["debris"] == []  # a known backup's bitmap stays
     cli("backup", "delete", second["id"], "--repo", repo)
     shown = cli.json("gc", "--dry-run")["debris"]
@@ -160,11 +179,13 @@ def test_gc_removes_the_tracking_of_backups_the_catalogue_forgot(
         f"default/v bitmap snapback-{second['id']}: change tracking of a backup this "
         "catalogue does not know"
     ]
-    assert list(qemu_img.bitmaps(str(head(ctx, "v")))) == [f"snapback-{second['id']}"]
+    assert tracked(ctx, "v") == both
     assert cli.json("gc")["debris"] == [f"removed {shown[0]}"]
-    assert qemu_img.bitmaps(str(head(ctx, "v"))) == {}
-    third = backup(cli, "v", repo)  # its parent is the first again, whose bitmap went
-    assert third["parent"] == first["id"] and third["change_tracking"] == "hash-compare"
+    assert tracked(ctx, "v") == {f"snapback-{first['id']}"}
+    write(ctx, "v", 20 * MIB, os.urandom(4096))
+    third = backup(cli, "v", repo)  # its parent is the first again, still tracked
+    assert third["parent"] == first["id"] and third["change_tracking"] == "dirty-bitmap"
+    assert third["stats"]["read_bytes"] == 8 * MIB  # written since the first: chunks 2, 5
     assert same_bytes(cli, repo, third["id"], "v", tmp_path)
-    assert list(qemu_img.bitmaps(str(head(ctx, "v")))) == [f"snapback-{third['id']}"]
+    assert tracked(ctx, "v") == {f"snapback-{first['id']}", f"snapback-{third['id']}"}
     assert_consistent(ctx)

@@ -8,7 +8,8 @@ how change tracking carries on (docs/backups.md, "Change tracking").
   and snapback holds its lock), so the backup reads the head itself and starts a
   persistent dirty bitmap ``snapback-<backup id>`` on it at that moment (while
   it reads: nothing writes in between); the next backup reads the ranges it
-  marks, then drops it.
+  marks, and drops it — an instance's backup once its record is written, a
+  volume's while the backup after it reads (``keeps_parent_tracker``).
 
 When the base is gone (snapshot deleted, bitmap missing or stored uncleanly
 after a crash) the backup compares chunk hashes with the parent's index, says
@@ -20,7 +21,7 @@ from __future__ import annotations
 import contextlib
 import uuid
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from snapback.catalog.models import Snapshot, Volume
@@ -54,6 +55,7 @@ class DiskPlan:
     since: str | None = None  # the parent's kept snapshot: RBD
     tracker: str | None = None  # bitmap started by this backup: local
     parent_tracker: str | None = None
+    stale: list[str] = field(default_factory=list)  # bitmaps dropped as this one reads
     tracking: str = "none"
     note: str | None = None
     domain: str | None = None  # the instance's libvirt domain, for its checkpoints
@@ -106,7 +108,18 @@ def plan_disk(
     else:
         plan.parent_tracker = TRACKER_PREFIX + str(parent["id"])
         plan.tracking = "dirty-bitmap"
+        if keeps_parent_tracker(plan) and parent.get("parent"):
+            plan.stale.append(TRACKER_PREFIX + str(parent["parent"]))
     return plan
+
+
+def keeps_parent_tracker(plan: DiskPlan) -> bool:
+    """A stopped volume's chain keeps its parent's bitmap after the record is written
+    (the next backup drops it while it reads; at once if it is lost): no ``qemu-img``
+    after the record, and a backup deleted later leaves the one before it still
+    tracked. An instance's chain drops it once the record is written, through
+    libvirt, which may know it as a checkpoint."""
+    return plan.by == "bitmap" and plan.domain is None
 
 
 def _parent_disk(
@@ -123,6 +136,9 @@ def _parent_disk(
 
 
 def lost(plan: DiskPlan) -> None:
+    gone = plan.parent_tracker
+    if gone is not None and keeps_parent_tracker(plan) and gone not in plan.stale:
+        plan.stale.append(gone)  # of no more use: dropped as this one reads
     plan.tracking = "hash-compare"
     plan.note = (
         f"change tracking lost ({LOST[plan.by]}): compared chunk hashes; "
@@ -167,7 +183,7 @@ def open_point(driver: StoragePool, plan: DiskPlan) -> BlockHandle:
     if plan.snap is not None:
         return driver.open(plan.storage, snapshot=plan.snap)
     assert plan.tracker is not None
-    return driver.open_tracking(plan.storage, plan.tracker)
+    return driver.open_tracking(plan.storage, plan.tracker, drop=plan.stale)
 
 
 def point_size(driver: StoragePool, plan: DiskPlan) -> int:
@@ -217,7 +233,7 @@ def finish(ctx: Context, plan: DiskPlan, backup_id: str) -> None:
     driver = ctx.pool(plan.pool)
     if plan.snap is not None:
         _rotate_snapshots(ctx, plan, backup_id)
-    if plan.parent_tracker is not None:
+    if plan.parent_tracker is not None and not keeps_parent_tracker(plan):
         if plan.domain:  # libvirt may know it as a checkpoint: drop it there too
             _drop_checkpoint(ctx, plan, plan.parent_tracker)
         else:

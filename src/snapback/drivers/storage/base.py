@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import abc
 import contextlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Self
 
@@ -306,12 +306,15 @@ class StoragePool(abc.ABC):
         """Start recording the ranges written to ``volume`` from now on, as ``name``."""
         raise InvalidInput(f"pool {self.name} ({self.driver}) has no dirty bitmaps")
 
-    def open_tracking(self, volume: str, name: str) -> BlockHandle:
+    def open_tracking(self, volume: str, name: str, *, drop: Sequence[str] = ()) -> BlockHandle:
         """``volume`` read-only as it is now, with ``start_tracking(volume, name)`` at
-        that same point: a backup's point in time on a volume nothing else writes. The
-        volume stays locked until the handle closes; a driver may start the tracking
-        while the handle is read, and then the close waits for it and raises its error."""
+        that same point (and ``stop_tracking`` of each of ``drop``): a backup's point in
+        time on a volume nothing else writes. The volume stays locked until the handle
+        closes; a driver may do the tracking while the handle is read, and then the
+        close waits for it and raises its error."""
         self.start_tracking(volume, name)
+        for old in drop:
+            self.stop_tracking(volume, old)
         return self.open(volume, read_only=True)
 
     def tracked_changes(self, volume: str, name: str) -> list[tuple[int, int]] | None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from snapback.domain.errors import Conflict, HasDependents, InvalidInput, NotFound, StorageError
@@ -246,10 +246,11 @@ class LocalPool(StoragePool):
         with self.locked(volume) as meta:
             tracking.start(self.layer_path(volume, meta.head), name)
 
-    def open_tracking(self, volume: str, name: str) -> BlockHandle:
+    def open_tracking(self, volume: str, name: str, *, drop: Sequence[str] = ()) -> BlockHandle:
         with contextlib.ExitStack() as stack:  # the lock goes with the handle, or on error
             meta = stack.enter_context(self.locked(volume))
-            handle = tracking.open_tracking(self.layer_path(volume, meta.head), name, stack)
+            head = self.layer_path(volume, meta.head)
+            handle = tracking.open_tracking(head, name, stack, drop=drop)
             return layers.LockedHandle(handle, stack.pop_all())  # closes, waits, unlocks
 
     def tracked_changes(self, volume: str, name: str) -> list[tuple[int, int]] | None:
