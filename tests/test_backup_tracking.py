@@ -30,8 +30,9 @@ def repo(cli: Cli, tmp_path: Path) -> str:
     return path
 
 
-def backup(cli: Cli, volume: str, repo: str) -> dict[str, Any]:
-    return json.loads(cli("backup", "create", volume, "--repo", repo, "--format", "json").stdout)
+def backup(cli: Cli, volume: str, repo: str, *extra: str) -> dict[str, Any]:
+    argv = ("backup", "create", volume, "--repo", repo, "--format", "json", *extra)
+    return json.loads(cli(*argv).stdout)
 
 
 def volume(ctx: Context, name: str) -> Volume:
@@ -106,6 +107,29 @@ def test_incrementals_read_only_what_the_bitmap_marks(cli: Cli, repo: str, tmp_p
     assert same_bytes(cli, repo, after["id"], "v", tmp_path)
     cli("gc")  # the deleted backup's bitmap goes; the chain's stay
     assert tracked(ctx, "v") == {f"snapback-{third['id']}", f"snapback-{after['id']}"}
+    assert_consistent(ctx)
+
+
+def test_a_full_backup_drops_the_bitmaps_of_the_chain_it_replaces(
+    cli: Cli, repo: str, tmp_path: Path
+) -> None:
+    """After ``--full`` no backup follows the old chain's bitmaps: they would be marked
+    by QEMU for nothing, so the full backup removes them as it reads."""
+    src = make_raw(tmp_path / "d.raw", 32 * MIB, {0: os.urandom(MIB)})
+    cli("volume", "import", "v", "--file", str(src))
+    ctx = Context(load_settings(cli.home))
+    first = backup(cli, "v", repo)
+    write(ctx, "v", 8 * MIB, os.urandom(MIB))
+    second = backup(cli, "v", repo)
+    assert tracked(ctx, "v") == {f"snapback-{first['id']}", f"snapback-{second['id']}"}
+    full = backup(cli, "v", repo, "--full")
+    assert full["mode"] == "full" and full["parent"] is None
+    assert tracked(ctx, "v") == {f"snapback-{full['id']}"}
+    write(ctx, "v", 20 * MIB, os.urandom(4096))
+    nxt = backup(cli, "v", repo)
+    assert nxt["parent"] == full["id"] and nxt["change_tracking"] == "dirty-bitmap"
+    assert nxt["stats"]["read_bytes"] == 4 * MIB
+    assert same_bytes(cli, repo, nxt["id"], "v", tmp_path)
     assert_consistent(ctx)
 
 

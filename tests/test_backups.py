@@ -438,6 +438,10 @@ def test_rbd_volume_backup_restores_to_rbd_and_to_local(rbd_conf: str, tmp_path:
         out = tmp_path / "t6.raw"
         cli("volume", "export", "t6", "--file", str(out))
         assert out.read_bytes() == bytes(expected)
+        full = backup(cli, "v", repo, "--full")  # a new chain: the old one's base goes
+        assert full["parent"] is None and full["stats"]["read_bytes"] == 16 * MIB
+        assert [x["name"] for x in cli.json("snapshot", "list", "v")] == [f"backup-{full['id']}"]
+        assert cli.json("gc", "--dry-run")["debris"] == []
         cli("volume", "delete", "v")  # with its backup snapshot
     finally:
         from snapback.drivers.storage.rbd import RbdPool

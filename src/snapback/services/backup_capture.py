@@ -52,7 +52,7 @@ class DiskPlan:
     parent_index: str | None
     by: str  # "snapshot" | "bitmap" | "checkpoint" (a libvirt backup job's)
     snap: str | None = None  # snapshot read (and kept) by this backup: RBD
-    since: str | None = None  # the parent's kept snapshot: RBD
+    since: str | None = None  # the parent's kept snapshot (or the old chain's): RBD
     tracker: str | None = None  # bitmap started by this backup: local
     parent_tracker: str | None = None
     stale: list[str] = field(default_factory=list)  # bitmaps dropped as this one reads
@@ -77,9 +77,12 @@ def plan_disk(
     *,
     domain: str | None = None,
     live: bool = False,
+    replaces: dict[str, Any] | None = None,
 ) -> DiskPlan:
     """Name this backup's point in time and find the base of the parent's, if any
-    (``live``: a running guest's, whose local disks a libvirt backup job reads)."""
+    (``live``: a running guest's, whose local disks a libvirt backup job reads;
+    ``replaces``: the newest backup of the source, when this one is a full backup
+    that starts a new chain)."""
     by = driver.tracks_changes_by
     if live and by == "bitmap":
         by = "checkpoint"
@@ -99,18 +102,48 @@ def plan_disk(
         plan.snap = DIFF_BASE_STORAGE + uuid.uuid4().hex[:20]
     else:
         plan.tracker = TRACKER_PREFIX + backup_id
-    if mine is None or parent is None:
-        return plan
-    if by == "snapshot":
-        prev = mine.get("snapshot") or parent.get("source_snapshot")
-        if prev and any(s.name == prev for s in driver.list_snapshots(vol.storage_name)):
-            plan.since, plan.tracking = str(prev), "rbd-diff"
-    else:
-        plan.parent_tracker = TRACKER_PREFIX + str(parent["id"])
-        plan.tracking = "dirty-bitmap"
-        if keeps_parent_tracker(plan) and parent.get("parent"):
-            plan.stale.append(TRACKER_PREFIX + str(parent["parent"]))
+    if mine is not None and parent is not None:
+        _follow(driver, plan, parent, mine)
+    elif replaces is not None:
+        _replace(driver, plan, replaces)
     return plan
+
+
+def _follow(
+    driver: StoragePool, plan: DiskPlan, parent: dict[str, Any], mine: dict[str, Any]
+) -> None:
+    """The base the parent kept for this disk: its snapshot or its bitmap."""
+    if plan.by == "snapshot":
+        plan.since = _kept_snapshot(driver, plan, parent, mine)
+        if plan.since is not None:
+            plan.tracking = "rbd-diff"
+        return
+    plan.parent_tracker = TRACKER_PREFIX + str(parent["id"])
+    plan.tracking = "dirty-bitmap"
+    if keeps_parent_tracker(plan) and parent.get("parent"):
+        plan.stale.append(TRACKER_PREFIX + str(parent["parent"]))
+
+
+def _replace(driver: StoragePool, plan: DiskPlan, old: dict[str, Any]) -> None:
+    """A full backup starts a new chain: no backup will follow the old one's base, which
+    goes like a parent's: bitmaps as this one reads, the RBD snapshot once the record
+    is written (``since``, never read: a full backup has no parent)."""
+    if keeps_parent_tracker(plan):
+        plan.stale = [TRACKER_PREFIX + str(old[k]) for k in ("id", "parent") if old.get(k)]
+        return
+    disk = _parent_disk(old, plan.volume_id, plan.target)
+    if plan.by == "snapshot" and disk is not None:
+        plan.since = _kept_snapshot(driver, plan, old, disk)
+
+
+def _kept_snapshot(
+    driver: StoragePool, plan: DiskPlan, record: dict[str, Any], disk: dict[str, Any]
+) -> str | None:
+    """The snapshot ``record`` kept of this disk as the next diff base, if still there."""
+    kept = disk.get("snapshot") or record.get("source_snapshot")
+    if kept and any(s.name == kept for s in driver.list_snapshots(plan.storage)):
+        return str(kept)
+    return None
 
 
 def keeps_parent_tracker(plan: DiskPlan) -> bool:

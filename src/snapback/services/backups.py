@@ -107,7 +107,8 @@ class BackupService:
         if mode not in MODES:
             raise InvalidInput(f"unknown mode {mode!r} (use {', '.join(MODES)})")
         repo = self.open_repo(repo_url, passphrase)
-        parent = self._parent(repo, *job.key) if mode != "full" else None
+        newest = self._parent(repo, *job.key)
+        parent = newest if mode != "full" else None
         if mode == "incremental" and parent is None:
             raise NotFound(f"no earlier backup of {job.label} in {repo_url}")
         backup_id = new_backup_id()
@@ -130,6 +131,7 @@ class BackupService:
                     parent,
                     domain=job.domain,
                     live=job.live_local,
+                    replaces=newest if parent is None else None,
                 )
                 for target, vol in job.disks
             ]
