@@ -61,9 +61,9 @@ def open_tracking(
     head: Path, name: str, waits: contextlib.ExitStack, *, drop: Sequence[str] = ()
 ) -> BlockHandle:
     """The chain ending in ``head`` read-only, and bitmap ``name`` started on ``head``
-    (the bitmaps in ``drop`` removed) while it is read. The wait for that, which raises what
-    stopped it, goes on ``waits``, which the caller closes after the handle and
-    before the volume's lock."""
+    (the bitmaps in ``drop`` removed) while it is read. The wait for that, which
+    raises what stopped it, goes on ``waits``, which the caller closes after the
+    handle and before the volume's lock."""
 
     def bitmaps() -> None:
         start(head, name)
