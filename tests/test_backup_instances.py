@@ -11,6 +11,7 @@ import tempfile
 from pathlib import Path
 
 from snapback.config import load_settings
+from snapback.drivers.imagefmt import qemu_img
 from snapback.services.catalog_queries import live_volume
 from snapback.services.context import Context
 from tests.conftest import Cli, assert_consistent, upload_guest, write_bytes
@@ -59,6 +60,10 @@ def test_stopped_instance_backup_tracks_changes_and_restores_as_an_instance(
     second = cli.json("backup", "create", "--instance", "src", "--repo", repo)
     assert second["change_tracking"] == "dirty-bitmap" and second["parent"] == full["id"]
     assert second["stats"]["read_bytes"] <= full["stats"]["read_bytes"] - 4 * MIB
+    renewed = cli.json("backup", "create", "--instance", "src", "--repo", repo, "--full")
+    pool = ctx.pool("default")  # a new chain: the old one's bitmap goes after the record
+    head = pool.layer_path(storage, pool.load(storage).head)
+    assert list(qemu_img.bitmaps(str(head))) == [f"snapback-{renewed['id']}"]
 
     out = cli.json("backup", "restore", second["id"], "--repo", repo, "--to-instance", "copy")
     assert out["status"] == "shutoff" and [d["volume"] for d in out["disks"]] == [
@@ -156,6 +161,13 @@ def test_running_instance_on_local_disks_is_read_through_a_libvirt_backup_job(
     assert listed == [f"snapback-{fourth['id']}"]
     fifth = cli.json("backup", "create", "--instance", "src", "--repo", repo)
     assert fifth["change_tracking"] == "dirty-bitmap" and fifth["parent"] == fourth["id"]
+    full = cli.json("backup", "create", "--instance", "src", "--repo", repo, "--full")
+    assert full["parent"] is None and full["change_tracking"] == "none"
+    listed = subprocess.run(  # the old chain's checkpoint went once the record was written
+        ["virsh", "-c", "qemu:///system", "checkpoint-list", src["domain"], "--name"],
+        capture_output=True, text=True, check=True,
+    ).stdout.split()  # fmt: skip
+    assert listed == [f"snapback-{full['id']}"]
     out = cli.json("backup", "restore", first["id"], "--repo", repo, "--to-instance", "copy")
     cli("instance", "start", "copy")
     copy_console = Path(cli.json("instance", "show", "copy")["console"])

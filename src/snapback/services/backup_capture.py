@@ -56,6 +56,7 @@ class DiskPlan:
     tracker: str | None = None  # bitmap started by this backup: local
     parent_tracker: str | None = None
     stale: list[str] = field(default_factory=list)  # bitmaps dropped as this one reads
+    replaced_tracker: str | None = None  # an instance's old chain's, dropped after the record
     tracking: str = "none"
     note: str | None = None
     domain: str | None = None  # the instance's libvirt domain, for its checkpoints
@@ -130,6 +131,9 @@ def _replace(driver: StoragePool, plan: DiskPlan, old: dict[str, Any]) -> None:
     is written (``since``, never read: a full backup has no parent)."""
     if keeps_parent_tracker(plan):
         plan.stale = [TRACKER_PREFIX + str(old[k]) for k in ("id", "parent") if old.get(k)]
+        return
+    if plan.tracker is not None:  # an instance's disk: its checkpoint, after the record
+        plan.replaced_tracker = TRACKER_PREFIX + str(old["id"])
         return
     disk = _parent_disk(old, plan.volume_id, plan.target)
     if plan.by == "snapshot" and disk is not None:
@@ -271,6 +275,8 @@ def finish(ctx: Context, plan: DiskPlan, backup_id: str) -> None:
             _drop_checkpoint(ctx, plan, plan.parent_tracker)
         else:
             driver.stop_tracking(plan.storage, plan.parent_tracker)
+    if plan.replaced_tracker is not None:
+        _drop_checkpoint(ctx, plan, plan.replaced_tracker)
 
 
 def _volume_alive(ctx: Context, vol_id: str) -> bool:
