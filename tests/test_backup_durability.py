@@ -44,7 +44,7 @@ def start(head, name):
     started.set()
 tracking.start = start
 if method == "bitmap":  # killed once qemu-img has the head open for writing
-    import time
+    import struct, time
     from snapback.drivers.imagefmt import qcow2_bitmaps
     real_bitmap = qemu_img.bitmap
     def watch(path, before):
@@ -52,8 +52,8 @@ if method == "bitmap":  # killed once qemu-img has the head open for writing
         while time.monotonic() < deadline:
             try:
                 now = qcow2_bitmaps.read_bitmaps(path)
-            except Exception:
-                now = {}  # caught half-written: read again
+            except (qcow2_bitmaps.Unreadable, struct.error, UnicodeDecodeError, OSError):
+                break  # caught half-written: qemu-img is writing it
             if set(now) != before or any("in-use" in b.flags for b in now.values()):
                 break
             time.sleep(0.0002)

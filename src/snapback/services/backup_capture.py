@@ -55,8 +55,9 @@ class DiskPlan:
     since: str | None = None  # the parent's kept snapshot (or the old chain's): RBD
     tracker: str | None = None  # bitmap started by this backup: local
     parent_tracker: str | None = None
-    stale: list[str] = field(default_factory=list)  # bitmaps dropped as this one reads
-    replaced_tracker: str | None = None  # an instance's old chain's, dropped after the record
+    # bitmaps of no more use: dropped while this backup reads (a volume's chain), or
+    # once its record is written, through libvirt (an instance's: keeps_parent_tracker)
+    stale: list[str] = field(default_factory=list)
     tracking: str = "none"
     note: str | None = None
     domain: str | None = None  # the instance's libvirt domain, for its checkpoints
@@ -132,8 +133,8 @@ def _replace(driver: StoragePool, plan: DiskPlan, old: dict[str, Any]) -> None:
     if keeps_parent_tracker(plan):
         plan.stale = [TRACKER_PREFIX + str(old[k]) for k in ("id", "parent") if old.get(k)]
         return
-    if plan.tracker is not None:  # an instance's disk: its checkpoint, after the record
-        plan.replaced_tracker = TRACKER_PREFIX + str(old["id"])
+    if plan.tracker is not None:  # an instance's disk: its old chain keeps one checkpoint
+        plan.stale = [TRACKER_PREFIX + str(old["id"])]
         return
     disk = _parent_disk(old, plan.volume_id, plan.target)
     if plan.by == "snapshot" and disk is not None:
@@ -220,7 +221,8 @@ def open_point(driver: StoragePool, plan: DiskPlan) -> BlockHandle:
     if plan.snap is not None:
         return driver.open(plan.storage, snapshot=plan.snap)
     assert plan.tracker is not None
-    return driver.open_tracking(plan.storage, plan.tracker, drop=plan.stale)
+    drop = plan.stale if keeps_parent_tracker(plan) else []
+    return driver.open_tracking(plan.storage, plan.tracker, drop=drop)
 
 
 def point_size(driver: StoragePool, plan: DiskPlan) -> int:
@@ -264,19 +266,16 @@ def _drop_checkpoint(ctx: Context, plan: DiskPlan, name: str) -> None:
 
 
 def finish(ctx: Context, plan: DiskPlan, backup_id: str) -> None:
-    """The record is written: keep this backup's base, drop the parent's."""
+    """The record is written: keep this backup's base; drop the parent's (an RBD
+    snapshot, an instance's checkpoint: a volume's bitmap goes in its next backup)."""
     if not _volume_alive(ctx, plan.volume_id):
         return
-    driver = ctx.pool(plan.pool)
     if plan.snap is not None:
         _rotate_snapshots(ctx, plan, backup_id)
-    if plan.parent_tracker is not None and not keeps_parent_tracker(plan):
-        if plan.domain:  # libvirt may know it as a checkpoint: drop it there too
-            _drop_checkpoint(ctx, plan, plan.parent_tracker)
-        else:
-            driver.stop_tracking(plan.storage, plan.parent_tracker)
-    if plan.replaced_tracker is not None:
-        _drop_checkpoint(ctx, plan, plan.replaced_tracker)
+    if plan.domain and plan.tracker is not None:  # an instance's local disk: libvirt may
+        for old in [plan.parent_tracker, *plan.stale]:  # know them as checkpoints
+            if old is not None:
+                _drop_checkpoint(ctx, plan, old)
 
 
 def _volume_alive(ctx: Context, vol_id: str) -> bool:
